@@ -1,0 +1,1 @@
+"""What MobileVLM is: config, vision tower, projectors, checkpoint loading, preprocessing and prompt (no ROS here)."""

@@ -1,0 +1,209 @@
+"""Load an official MobileVLM checkpoint directory: config, weights, vision tower, tokenizer, image processor.
+
+Weights are read from safetensors or from `pytorch_model*.bin` with `torch.load(weights_only=True)`, single files or
+shards listed by an index; nothing in the directory is ever executed. Loading is strict: every parameter of the
+model must come from the files with the right shape, and every tensor in the files must have a place in the model.
+
+Where the vision tower's weights come from follows upstream: MobileVLM V2 (`'v2' in mm_projector_type`) uses the copy
+stored in the checkpoint; v1 reloads CLIP from `mm_vision_tower` and ignores the stored copy.
+"""
+
+import json
+import logging
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from transformers import CLIPVisionConfig
+from transformers.initialization import no_init_weights
+
+from mobilevlm_ros.errors import CheckpointError, ConfigError
+from mobilevlm_ros.model.config import MobileVLMConfig, load_config
+from mobilevlm_ros.model.mobilevlm import MobileLlamaForCausalLM
+from mobilevlm_ros.model.preprocess import ImageProcessor
+from mobilevlm_ros.model.prompt import Tokenizer, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+VISION_TOWER_PREFIX = "model.vision_tower.vision_tower."
+
+# The tower's architecture when `mm_vision_tower` names a hub model that is not on disk. Only the settings are
+# known here; the weights must then be stored in the checkpoint (as official checkpoints do).
+KNOWN_VISION_TOWERS = {
+    "openai/clip-vit-large-patch14-336": dict(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+        image_size=336, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=768,
+    ),
+}
+
+# (index file, single file) per format, in order of preference.
+_WEIGHT_LAYOUTS = (
+    ("model.safetensors.index.json", "model.safetensors"),
+    ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+)
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: MobileLlamaForCausalLM
+    tokenizer: Tokenizer
+    image_processor: ImageProcessor
+    config: MobileVLMConfig
+
+
+def load_checkpoint(model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LoadedCheckpoint:
+    """Everything needed to run the checkpoint in `model_dir`, in `dtype` on `device`."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ConfigError(f"{model_dir}: not a directory")
+    config = load_config(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    weights, sources = read_weights(model_dir)
+
+    tower_dir = resolve_vision_tower_dir(config.mm_vision_tower, model_dir)
+    vision_config = load_vision_config(config, tower_dir)
+    stored = [key for key in weights if key.startswith(VISION_TOWER_PREFIX)]
+    tower_dir_has_weights = tower_dir is not None and has_weights(tower_dir)
+    if tower_dir_has_weights and not (stored and config.is_v2):
+        if stored:
+            logger.info("v1 checkpoint: vision tower weights from %s; the copy stored in the checkpoint is ignored (as upstream)", tower_dir)
+        for key in stored:
+            del weights[key], sources[key]
+        tower_weights, tower_sources = read_weights(tower_dir)
+        for key, tensor in clip_vision_weights(tower_weights, tower_dir).items():
+            weights[VISION_TOWER_PREFIX + key] = tensor
+            sources[VISION_TOWER_PREFIX + key] = str(tower_dir / tower_sources[key])
+    elif not stored:
+        where = f"{tower_dir} has no weights" if tower_dir else f"{config.mm_vision_tower!r} is not a local directory"
+        raise CheckpointError(f"{model_dir}: no vision tower weights: none stored in the checkpoint and {where}")
+    elif not config.is_v2:
+        logger.warning("v1 checkpoint: %r is not on disk; using the vision tower weights stored in the checkpoint", config.mm_vision_tower)
+
+    with no_init_weights():
+        model = MobileLlamaForCausalLM(config, vision_config)
+    check_state_dict(model, weights, sources, model_dir)
+    model.load_state_dict({key: tensor.to(dtype) if tensor.is_floating_point() else tensor for key, tensor in weights.items()}, assign=True)
+    model.to(device).eval()
+
+    image_processor = ImageProcessor.from_tower_dir(tower_dir, vision_config.image_size, config.image_aspect_ratio == "pad")
+    return LoadedCheckpoint(model, tokenizer, image_processor, config)
+
+
+def read_weights(model_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors of a checkpoint directory, and the file each came from (named in errors)."""
+    for index_name, single_name in _WEIGHT_LAYOUTS:
+        if (model_dir / index_name).is_file():
+            return _read_sharded(model_dir / index_name)
+        if (model_dir / single_name).is_file():
+            tensors = read_weight_file(model_dir / single_name)
+            return tensors, dict.fromkeys(tensors, single_name)
+    raise CheckpointError(f"{model_dir}: no weights (expected model.safetensors or pytorch_model.bin, single or with an index)")
+
+
+def has_weights(model_dir: Path) -> bool:
+    return any((model_dir / name).is_file() for layout in _WEIGHT_LAYOUTS for name in layout)
+
+
+def _read_sharded(index_path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{index_path}: not a valid shard index ({error})") from error
+    tensors, sources = {}, {}
+    for shard in sorted(set(weight_map.values())):
+        listed = {key for key, file in weight_map.items() if file == shard}
+        shard_tensors = read_weight_file(index_path.parent / shard)
+        if missing := sorted(listed - shard_tensors.keys()):
+            raise CheckpointError(f"{index_path.parent / shard}: missing tensors the index lists: {_short_list(missing)}")
+        if unlisted := sorted(shard_tensors.keys() - listed):
+            raise CheckpointError(f"{index_path.parent / shard}: tensors the index does not list: {_short_list(unlisted)}")
+        tensors.update(shard_tensors)
+        sources.update(dict.fromkeys(shard_tensors, shard))
+    return tensors, sources
+
+
+def read_weight_file(path: Path) -> dict[str, torch.Tensor]:
+    """One safetensors or torch file; a pickle may hold only tensors (`weights_only=True` refuses anything else)."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing")
+    try:
+        if path.suffix == ".safetensors":
+            tensors = load_file(path)
+        else:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+        raise CheckpointError(f"{path}: unreadable or corrupt weight file ({type(error).__name__}: {error})") from error
+    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()):
+        raise CheckpointError(f"{path}: expected a flat mapping of names to tensors")
+    return tensors
+
+
+def check_state_dict(model: torch.nn.Module, weights: dict[str, torch.Tensor], sources: dict[str, str], model_dir: Path) -> None:
+    """Raise one CheckpointError listing every missing, unexpected and mis-shaped tensor."""
+    expected = {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
+    problems = []
+    if missing := sorted(expected.keys() - weights.keys()):
+        problems.append(f"missing: {_short_list(missing)}")
+    if unexpected := sorted(weights.keys() - expected.keys()):
+        problems.append(f"unexpected: {_short_list([f'{key} (in {sources[key]})' for key in unexpected])}")
+    mismatched = [
+        f"{key} (in {sources[key]}): {tuple(weights[key].shape)} in the file, {expected[key]} expected"
+        for key in sorted(expected.keys() & weights.keys())
+        if tuple(weights[key].shape) != expected[key]
+    ]
+    if mismatched:
+        problems.append(f"wrong shape: {_short_list(mismatched)}")
+    if problems:
+        raise CheckpointError(f"{model_dir}: weights do not match config.json; " + "; ".join(problems))
+
+
+def resolve_vision_tower_dir(name: str, model_dir: Path) -> Path | None:
+    """The local directory `mm_vision_tower` names: relative to the checkpoint first, then as given; None if neither."""
+    for candidate in (model_dir / name, Path(name)):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def load_vision_config(config: MobileVLMConfig, tower_dir: Path | None) -> CLIPVisionConfig:
+    """The CLIP vision config from the tower directory's config.json (a CLIPConfig or CLIPVisionConfig), else a known one."""
+    if tower_dir is not None and (tower_dir / "config.json").is_file():
+        path = tower_dir / "config.json"
+        try:
+            fields = json.loads(path.read_text(encoding="utf-8"))
+            fields = fields.get("vision_config", fields)
+            vision_config = CLIPVisionConfig(**{k: v for k, v in fields.items() if k not in ("architectures", "model_type", "auto_map")})
+        except (OSError, ValueError, TypeError) as error:
+            raise ConfigError(f"{path}: not a CLIP vision config ({error})") from error
+    elif config.mm_vision_tower in KNOWN_VISION_TOWERS:
+        vision_config = CLIPVisionConfig(**KNOWN_VISION_TOWERS[config.mm_vision_tower])
+    else:
+        raise ConfigError(
+            f"{config.path}: field 'mm_vision_tower': {config.mm_vision_tower!r} is neither a local directory "
+            f"(relative to {config.path.parent} or absolute) nor a known tower ({', '.join(KNOWN_VISION_TOWERS)})"
+        )
+    num_states = vision_config.num_hidden_layers + 1
+    if not -num_states <= config.mm_vision_select_layer < num_states:
+        raise ConfigError(f"{config.path}: field 'mm_vision_select_layer': {config.mm_vision_select_layer} is outside the {num_states} hidden states of the vision tower")
+    if vision_config.hidden_size != config.mm_hidden_size:
+        raise ConfigError(f"{config.path}: field 'mm_hidden_size': {config.mm_hidden_size} but the vision tower is {vision_config.hidden_size} wide")
+    return vision_config
+
+
+def clip_vision_weights(weights: dict[str, torch.Tensor], tower_dir: Path) -> dict[str, torch.Tensor]:
+    """The vision part of a CLIP checkpoint, in the 4.x `vision_model.*` layout; text tower and projections are dropped."""
+    vision = {key: tensor for key, tensor in weights.items() if key.startswith("vision_model.")}
+    if not vision:
+        raise CheckpointError(f"{tower_dir}: holds no `vision_model.*` tensors (expected a CLIP checkpoint)")
+    return vision
+
+
+def _short_list(items: list[str], limit: int = 10) -> str:
+    shown = ", ".join(items[:limit])
+    return shown if len(items) <= limit else f"{shown} ... and {len(items) - limit} more"

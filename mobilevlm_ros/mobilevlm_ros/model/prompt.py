@@ -1,0 +1,129 @@
+"""MobileVLM's "v1" conversation prompt and upstream's rule for splicing the image into the token ids.
+
+Upstream tokenizes the text on each side of `<image>` separately with the slow sentencepiece tokenizer, keeps only
+the first BOS, and puts the placeholder id -200 between the chunks; the model then replaces the placeholder with the
+image embeddings. Reproducing the ids (not just the text) matters: with the LLaMA vocabulary a lone `▁` ends up
+before the placeholder and `▁`, `<0x0A>` after it.
+"""
+
+import json
+from pathlib import Path
+from typing import Protocol
+
+import sentencepiece
+import tokenizers
+
+from mobilevlm_ros.errors import ConfigError, PromptError
+
+IMAGE_TOKEN_INDEX = -200
+IMAGE_PLACEHOLDER = "<image>"
+SYSTEM_PROMPT = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+
+def build_prompt(question: str) -> str:
+    """The "v1" template with the image before the question, as upstream's inference script builds it."""
+    if not question or not question.strip():
+        raise PromptError("question is empty")
+    return f"{SYSTEM_PROMPT} USER: {IMAGE_PLACEHOLDER}\n{question} ASSISTANT:"
+
+
+class Tokenizer(Protocol):
+    """What the runtime needs from a tokenizer: ids without special tokens added, and text back."""
+
+    bos_id: int
+    eos_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class SentencePieceTokenizer:
+    """LLaMA's `tokenizer.model`, used the way transformers' slow (legacy) LlamaTokenizer uses it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.sp = sentencepiece.SentencePieceProcessor()
+        try:
+            self.sp.Load(str(path))
+        except (OSError, RuntimeError) as error:
+            raise ConfigError(f"{path}: not a sentencepiece model ({error})") from error
+        self.bos_id = self.sp.bos_id()
+        self.eos_id = self.sp.eos_id()
+        self._vocab_size = self.sp.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of `ids`, skipping control and unknown tokens and ids past the tokenizer (as skip_special_tokens does)."""
+        kept = [i for i in ids if 0 <= i < self._vocab_size and not (self.sp.is_control(i) or self.sp.is_unknown(i))]
+        return self.sp.decode(kept)
+
+
+class HuggingFaceTokenizer:
+    """A `tokenizer.json` (tokenizers library), for checkpoints that ship no sentencepiece model."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.tokenizer = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as error:  # tokenizers raises a bare Exception for malformed files
+            raise ConfigError(f"{path}: not a tokenizers file ({error})") from error
+        special = _special_tokens(path.parent)
+        self.bos_id = self._token_id(special.get("bos_token", "<s>"))
+        self.eos_id = self._token_id(special.get("eos_token", "</s>"))
+
+    def _token_id(self, token: str) -> int:
+        token_id = self.tokenizer.token_to_id(token)
+        if token_id is None:
+            raise ConfigError(f"{self.path}: special token {token!r} is not in the vocabulary")
+        return token_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode([i for i in ids if i >= 0], skip_special_tokens=True)
+
+
+def _special_tokens(model_dir: Path) -> dict[str, str]:
+    """bos/eos token strings from tokenizer_config.json (plain strings or {"content": ...} objects)."""
+    path = model_dir / "tokenizer_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        fields = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{path}: not valid JSON ({error})") from error
+    tokens = {}
+    for name in ("bos_token", "eos_token"):
+        value = fields.get(name)
+        if isinstance(value, dict):
+            value = value.get("content")
+        if isinstance(value, str):
+            tokens[name] = value
+    return tokens
+
+
+def load_tokenizer(model_dir: str | Path) -> Tokenizer:
+    """`tokenizer.model` when present (upstream uses the slow tokenizer), else `tokenizer.json`."""
+    model_dir = Path(model_dir)
+    if (model_dir / "tokenizer.model").is_file():
+        return SentencePieceTokenizer(model_dir / "tokenizer.model")
+    if (model_dir / "tokenizer.json").is_file():
+        return HuggingFaceTokenizer(model_dir / "tokenizer.json")
+    raise ConfigError(f"{model_dir}: no tokenizer (expected tokenizer.model or tokenizer.json)")
+
+
+def tokenize_with_image(prompt: str, tokenizer: Tokenizer) -> list[int]:
+    """[BOS] + ids of each text chunk, with IMAGE_TOKEN_INDEX where `<image>` stood."""
+    ids = [tokenizer.bos_id]
+    for index, chunk in enumerate(prompt.split(IMAGE_PLACEHOLDER)):
+        if index:
+            ids.append(IMAGE_TOKEN_INDEX)
+        ids.extend(tokenizer.encode(chunk))
+    return ids

@@ -1,0 +1,1 @@
+"""How MobileVLM runs: generation, sampling and the `MobileVLM` front door (no ROS here)."""

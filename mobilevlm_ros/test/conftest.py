@@ -1,0 +1,48 @@
+"""Shared fixtures: a real sentencepiece tokenizer trained at fixture time and tiny official-format checkpoints."""
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tiny_checkpoint import train_tokenizer, write_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tokenizer_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_tokenizer(tmp_path_factory.mktemp("tokenizer") / "tokenizer.model")
+
+
+@pytest.fixture(scope="session")
+def make_checkpoint(tmp_path_factory: pytest.TempPathFactory, tokenizer_model: Path) -> Callable[..., Path]:
+    """Write (once per distinct arguments) a tiny checkpoint; see tiny_checkpoint.write_checkpoint for the arguments."""
+    written: dict[tuple, Path] = {}
+
+    def make(**kwargs) -> Path:
+        key = tuple(sorted(kwargs.items(), key=lambda item: item[0]))
+        if key not in written:
+            written[key] = write_checkpoint(tmp_path_factory.mktemp("checkpoint"), tokenizer_model, **kwargs)
+        return written[key]
+
+    return make
+
+
+@pytest.fixture
+def copy_checkpoint(tmp_path: Path, make_checkpoint: Callable[..., Path]) -> Callable[..., Path]:
+    """A private copy of a tiny checkpoint that a test may damage."""
+
+    def copy(**kwargs) -> Path:
+        return Path(shutil.copytree(make_checkpoint(**kwargs), tmp_path / "checkpoint"))
+
+    return copy
+
+
+@pytest.fixture
+def camera_image() -> np.ndarray:
+    """A non-square RGB frame with structure (so different images give different features)."""
+    rng = np.random.default_rng(7)
+    image = rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    image[60:180, 100:220] = (200, 30, 30)
+    return image

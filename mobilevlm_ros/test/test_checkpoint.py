@@ -1,0 +1,199 @@
+"""Strict loading of official-format checkpoints: formats, dtypes, vision tower sources, and every way to get it wrong."""
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mobilevlm_ros.errors import CheckpointError, ConfigError
+from mobilevlm_ros.model.checkpoint import VISION_TOWER_PREFIX, load_checkpoint, read_weights
+from tiny_checkpoint import clip_state_dict
+
+FORMATS = ["safetensors", "safetensors-sharded", "bin", "bin-sharded"]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("projector", ["ldpnet", "ldpnetv2"])
+def test_loads_every_tensor_strictly(make_checkpoint, projector, fmt):
+    path = make_checkpoint(projector_type=projector, fmt=fmt)
+    files, _ = read_weights(path)
+    loaded = load_checkpoint(path)
+    state = loaded.model.state_dict()
+    assert state.keys() == files.keys()
+    for key in ("lm_head.weight", "model.layers.1.mlp.down_proj.weight", "model.mm_projector." + ("peg.peg.0.bias" if projector == "ldpnetv2" else "model.mb_block.2.block.1.fc2.weight")):
+        assert torch.equal(state[key], files[key].float())
+
+
+def test_projector_key_count_matches_upstream(make_checkpoint):
+    """Upstream's LDP v1 has 24 tensors (MobileVLM notes); v2 has 6."""
+    for projector, count in (("ldpnet", 24), ("ldpnetv2", 6)):
+        state = load_checkpoint(make_checkpoint(projector_type=projector)).model.state_dict()
+        assert sum(key.startswith("model.mm_projector.") for key in state) == count
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_any_stored_dtype_loads_into_the_requested_dtype(make_checkpoint, dtype):
+    model = load_checkpoint(make_checkpoint(dtype=dtype), dtype=torch.float32).model
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_v2_uses_the_tower_stored_in_the_checkpoint(make_checkpoint):
+    path = make_checkpoint(projector_type="ldpnetv2")
+    stored, _ = read_weights(path)
+    model = load_checkpoint(path).model
+    key = "vision_model.embeddings.patch_embedding.weight"
+    assert torch.equal(model.state_dict()[VISION_TOWER_PREFIX + key], stored[VISION_TOWER_PREFIX + key].float())
+
+
+def test_v1_reloads_the_tower_from_mm_vision_tower_like_upstream(make_checkpoint, caplog):
+    path = make_checkpoint(projector_type="ldpnet")
+    tower = load_file(path / "clip-vit-tiny" / "model.safetensors")
+    stored, _ = read_weights(path)
+    key = "vision_model.embeddings.patch_embedding.weight"
+    assert not torch.equal(tower[key], stored[VISION_TOWER_PREFIX + key].float())
+    with caplog.at_level("INFO"):
+        model = load_checkpoint(path).model
+    assert torch.equal(model.state_dict()[VISION_TOWER_PREFIX + key], tower[key])
+    assert "stored in the checkpoint is ignored" in caplog.text
+
+
+def test_v2_without_stored_tower_loads_it_from_the_tower_directory(make_checkpoint):
+    path = make_checkpoint(projector_type="ldpnetv2", store_tower=False)
+    tower = load_file(path / "clip-vit-tiny" / "model.safetensors")
+    model = load_checkpoint(path).model
+    key = "vision_model.encoder.layers.0.mlp.fc1.weight"
+    assert torch.equal(model.state_dict()[VISION_TOWER_PREFIX + key], tower[key])
+
+
+def test_absolute_vision_tower_path(copy_checkpoint, tmp_path):
+    path = copy_checkpoint(projector_type="ldpnet", store_tower=False)
+    moved = (path / "clip-vit-tiny").rename(tmp_path / "elsewhere-clip")
+    config = json.loads((path / "config.json").read_text())
+    config["mm_vision_tower"] = str(moved)
+    (path / "config.json").write_text(json.dumps(config))
+    assert load_checkpoint(path).model.vision_tower.config.hidden_size == 32
+
+
+def test_missing_tower_everywhere_is_a_clear_error(copy_checkpoint):
+    path = copy_checkpoint(projector_type="ldpnet", store_tower=False)
+    (path / "clip-vit-tiny" / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no vision tower weights"):
+        load_checkpoint(path)
+
+
+def test_unknown_tower_name_names_the_field(copy_checkpoint):
+    path = copy_checkpoint(write_tower_dir=False)
+    with pytest.raises(ConfigError, match=r"config.json: field 'mm_vision_tower': 'clip-vit-tiny' is neither a local directory"):
+        load_checkpoint(path)
+
+
+def _edit_weights(path: Path, edit) -> None:
+    weights = load_file(path / "model.safetensors")
+    edit(weights)
+    save_file(weights, path / "model.safetensors")
+
+
+def test_missing_key_is_named(copy_checkpoint):
+    path = copy_checkpoint()
+    _edit_weights(path, lambda w: w.pop("model.mm_projector.peg.peg.0.bias"))
+    with pytest.raises(CheckpointError, match=r"missing: model\.mm_projector\.peg\.peg\.0\.bias"):
+        load_checkpoint(path)
+
+
+def test_unexpected_key_is_named_with_its_file(copy_checkpoint):
+    path = copy_checkpoint()
+    _edit_weights(path, lambda w: w.update({"model.mm_projector.extra.weight": torch.zeros(2)}))
+    with pytest.raises(CheckpointError, match=r"unexpected: model\.mm_projector\.extra\.weight \(in model\.safetensors\)"):
+        load_checkpoint(path)
+
+
+def test_wrong_shape_is_named_with_both_shapes(copy_checkpoint):
+    path = copy_checkpoint()
+    _edit_weights(path, lambda w: w.update({"model.norm.weight": torch.ones(65, dtype=torch.float16)}))
+    with pytest.raises(CheckpointError, match=r"wrong shape: model\.norm\.weight \(in model\.safetensors\): \(65,\) in the file, \(64,\) expected"):
+        load_checkpoint(path)
+
+
+def test_all_problems_are_reported_together(copy_checkpoint):
+    path = copy_checkpoint()
+
+    def edit(weights):
+        weights.pop("lm_head.weight")
+        weights["bogus"] = torch.zeros(1)
+
+    _edit_weights(path, edit)
+    with pytest.raises(CheckpointError, match=r"missing: lm_head\.weight; unexpected: bogus"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("fmt, file", [("safetensors", "model.safetensors"), ("bin", "pytorch_model.bin"), ("bin-sharded", "pytorch_model-00002-of-00002.bin")])
+def test_truncated_weight_file(copy_checkpoint, fmt, file):
+    path = copy_checkpoint(fmt=fmt)
+    data = (path / file).read_bytes()
+    (path / file).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=rf"{file}: unreadable or corrupt weight file"):
+        load_checkpoint(path)
+
+
+def test_shard_listed_in_the_index_but_absent(copy_checkpoint):
+    path = copy_checkpoint(fmt="safetensors-sharded")
+    (path / "model-00001-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"model-00001-of-00002\.safetensors: missing"):
+        load_checkpoint(path)
+
+
+def test_index_that_disagrees_with_its_shard(copy_checkpoint):
+    path = copy_checkpoint(fmt="bin-sharded")
+    index = json.loads((path / "pytorch_model.bin.index.json").read_text())
+    moved = next(key for key, file in index["weight_map"].items() if file.endswith("00001-of-00002.bin"))
+    index["weight_map"][moved] = "pytorch_model-00002-of-00002.bin"
+    (path / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=rf"pytorch_model-00001-of-00002\.bin: tensors the index does not list: {moved}"):
+        load_checkpoint(path)
+
+
+def test_no_weights_at_all(copy_checkpoint):
+    path = copy_checkpoint()
+    (path / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no weights"):
+        load_checkpoint(path)
+
+
+class _Payload:
+    """Pickling this would call os.system on load if the loader were unsafe."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch /tmp/mobilevlm-pwned",))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_a_pickle_that_holds_code_is_refused(copy_checkpoint):
+    path = copy_checkpoint(fmt="bin")
+    weights = torch.load(path / "pytorch_model.bin", weights_only=True)
+    weights["model.norm.weight"] = _Payload()
+    with open(path / "pytorch_model.bin", "wb") as file:
+        pickle.dump(weights, file)
+    with pytest.raises(CheckpointError, match="pytorch_model.bin: unreadable or corrupt"):
+        load_checkpoint(path)
+    assert not Path("/tmp/mobilevlm-pwned").exists()
+
+
+def test_missing_tokenizer(copy_checkpoint):
+    path = copy_checkpoint()
+    (path / "tokenizer.model").unlink()
+    with pytest.raises(ConfigError, match="no tokenizer"):
+        load_checkpoint(path)
+
+
+def test_not_a_directory(tmp_path):
+    with pytest.raises(ConfigError, match="not a directory"):
+        load_checkpoint(tmp_path / "nothing-here")
+
+
+def test_clip_helper_uses_the_4x_layout():
+    assert all(key.startswith("vision_model.") for key in clip_state_dict(0))
