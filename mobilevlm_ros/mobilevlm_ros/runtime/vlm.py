@@ -1,4 +1,4 @@
-"""The library's front door: `MobileVLM.from_pretrained(path).ask(image, question)`."""
+"""The library's front door: `MobileVLM.from_pretrained(path)`, then `.ask(image, question)` or `.session(image)`."""
 
 import logging
 import time
@@ -10,8 +10,9 @@ from mobilevlm_ros.errors import PromptError
 from mobilevlm_ros.model.checkpoint import LoadedCheckpoint, load_checkpoint
 from mobilevlm_ros.model.preprocess import ChannelOrder, ImageInput
 from mobilevlm_ros.model.prompt import build_prompt, tokenize_with_image
-from mobilevlm_ros.runtime.generate import generate_tokens
+from mobilevlm_ros.runtime.language import LanguageBackend, TorchLanguageModel
 from mobilevlm_ros.runtime.sampling import SamplingParams
+from mobilevlm_ros.runtime.session import Session
 
 logger = logging.getLogger(__name__)
 
@@ -21,13 +22,14 @@ def default_device() -> torch.device:
 
 
 class MobileVLM:
-    """A loaded MobileVLM: image + question -> answer, with the torch backend (CPU, or CUDA when present)."""
+    """A loaded MobileVLM: the torch vision path (tower + projector) and a language backend."""
 
-    def __init__(self, checkpoint: LoadedCheckpoint):
+    def __init__(self, checkpoint: LoadedCheckpoint, language: LanguageBackend | None = None):
         self.model = checkpoint.model
         self.tokenizer = checkpoint.tokenizer
         self.image_processor = checkpoint.image_processor
         self.config = checkpoint.config
+        self.language = language or TorchLanguageModel(self.model, self.config.context_length)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "MobileVLM":
@@ -49,17 +51,9 @@ class MobileVLM:
         pixel_values = self.image_processor(image, channel_order).unsqueeze(0)
         return self.model.encode_images(pixel_values.to(self.device, self.model.dtype))
 
-    def prompt_ids(self, question: str) -> list[int]:
-        """The "v1" prompt's token ids, with the image placeholder where the image embeddings go."""
-        return tokenize_with_image(build_prompt(question), self.tokenizer)
-
-    @torch.inference_mode()
-    def prompt_embeds(self, input_ids: list[int], image_embeds: torch.Tensor) -> torch.Tensor:
-        """Input embeddings [1, T, hidden] of the prompt with the image spliced in; fails if they overflow the context."""
-        embeds = self.model.embed_with_images(input_ids, image_embeds)
-        if embeds.shape[1] >= self.config.context_length:
-            raise PromptError(f"prompt is {embeds.shape[1]} tokens with the image; the context holds {self.config.context_length}")
-        return embeds
+    def session(self, image: ImageInput, channel_order: ChannelOrder = "rgb", keep_history: bool = False) -> Session:
+        """Encode `image` and prefill [system prompt + image] once, for any number of questions about it."""
+        return Session(self.language, self.tokenizer, self.encode_image(image, channel_order)[0], keep_history)
 
     def ask(
         self,
@@ -72,7 +66,17 @@ class MobileVLM:
     ) -> str:
         """Answer `question` about `image` (greedy by default, like upstream's benchmarks)."""
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-        input_ids = self.prompt_ids(question)
-        embeds = self.prompt_embeds(input_ids, self.encode_image(image, channel_order))
-        tokens = list(generate_tokens(self.model, embeds, self.tokenizer.eos_id, params, self.config.context_length))
-        return self.tokenizer.decode(tokens).strip()
+        build_prompt(question)  # an empty question fails before the image is encoded
+        return self.session(image, channel_order).ask(question, params).text
+
+    def prompt_ids(self, question: str) -> list[int]:
+        """The whole "v1" prompt's token ids, with the image placeholder where the image embeddings go."""
+        return tokenize_with_image(build_prompt(question), self.tokenizer)
+
+    @torch.inference_mode()
+    def prompt_embeds(self, input_ids: list[int], image_embeds: torch.Tensor) -> torch.Tensor:
+        """Input embeddings [1, T, hidden] of a whole prompt with the image spliced in (for the plain transformers path)."""
+        embeds = self.model.embed_with_images(input_ids, image_embeds)
+        if embeds.shape[1] >= self.config.context_length:
+            raise PromptError(f"prompt is {embeds.shape[1]} tokens with the image; the context holds {self.config.context_length}")
+        return embeds

@@ -1,0 +1,209 @@
+"""Sessions: prefix reuse, streaming, history and constrained choice, each checked against recomputing from scratch."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mobilevlm_ros.errors import PromptError
+from mobilevlm_ros.model.prompt import SYSTEM_PROMPT
+from mobilevlm_ros.runtime.sampling import SamplingParams
+from mobilevlm_ros.runtime.session import TextAssembler
+from mobilevlm_ros.runtime.vlm import MobileVLM
+
+
+@pytest.fixture(scope="module")
+def vlm(make_checkpoint) -> MobileVLM:
+    return MobileVLM.from_pretrained(make_checkpoint(dtype=torch.float32), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    return np.random.default_rng(3).integers(0, 256, (120, 200, 3), dtype=np.uint8)
+
+
+def full_logits(vlm: MobileVLM, image: np.ndarray, after_image_ids: list[int]) -> torch.Tensor:
+    """Reference: the whole sequence [BOS, system, USER:, image, after_image_ids] in one uncached forward pass."""
+    before = [vlm.tokenizer.bos_id] + vlm.tokenizer.encode(f"{SYSTEM_PROMPT} USER: ")
+    embed = vlm.model.get_input_embeddings()
+    with torch.no_grad():
+        embeds = torch.cat([embed(torch.tensor(before)), vlm.encode_image(image)[0], embed(torch.tensor(after_image_ids, dtype=torch.long))])
+        return vlm.model(inputs_embeds=embeds[None]).logits[0]
+
+
+def greedy_reference(vlm, image, question_ids: list[int], steps: int) -> list[int]:
+    tokens: list[int] = []
+    for _ in range(steps):
+        token = int(full_logits(vlm, image, question_ids + tokens)[-1].argmax())
+        if token == vlm.tokenizer.eos_id:
+            break
+        tokens.append(token)
+    return tokens
+
+
+def test_session_tokens_are_upstreams_prompt(vlm, image):
+    """Prefix + question ids equal the whole prompt tokenized with upstream's rule (so the logits agree)."""
+    ids = vlm.prompt_ids("What is in the image?")
+    placeholder = ids.index(-200)
+    session = vlm.session(image)
+    _, logits = session._start_turn("What is in the image?")
+    torch.testing.assert_close(logits, full_logits(vlm, image, ids[placeholder + 1:])[-1], atol=1e-4, rtol=0)
+    assert session.prompt_tokens == len(ids) - 1 + 144
+
+
+def test_cached_greedy_equals_recomputing_everything(vlm, image):
+    session = vlm.session(image)
+    ours = list(session.generate("What is in the image?", SamplingParams(max_new_tokens=10)))
+    assert ours == greedy_reference(vlm, image, vlm.tokenizer.encode("\nWhat is in the image? ASSISTANT:"), 10)
+
+
+def test_reused_session_answers_like_a_fresh_one(vlm, image):
+    session = vlm.session(image)
+    params = SamplingParams(max_new_tokens=8)
+    first = session.ask("How many shapes?", params)
+    second = session.ask("What colour is it?", params)
+    assert second == vlm.session(image).ask("What colour is it?", params)
+    assert first == vlm.session(image).ask("How many shapes?", params)
+    assert session.cache.length > session.prefix_length  # the last question is still there until the next one
+
+
+def test_stream_joins_to_the_answer(vlm, image):
+    params = SamplingParams(max_new_tokens=12)
+    session = vlm.session(image)
+    pieces = list(session.stream("Describe the scene.", params))
+    assert "".join(pieces) == session.ask("Describe the scene.", params).text
+    assert len(pieces) > 1
+
+
+def test_stop_string_cuts_the_answer(vlm, image):
+    session = vlm.session(image)
+    full = session.ask("Describe the scene.", SamplingParams(max_new_tokens=16)).text
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    assert stop.strip(), full
+    params = SamplingParams(max_new_tokens=16, stop=(stop,))
+    cut = session.ask("Describe the scene.", params).text
+    assert cut == full[: full.index(stop)].strip()
+    assert "".join(session.stream("Describe the scene.", params)) == cut
+
+
+def test_eos_ends_the_answer(vlm, image):
+    session = vlm.session(image)
+    tokens = list(session.generate("Describe the scene.", SamplingParams(max_new_tokens=12)))
+    vlm.tokenizer.eos_id, original = tokens[3], vlm.tokenizer.eos_id
+    try:
+        stopped = list(session.generate("Describe the scene.", SamplingParams(max_new_tokens=12)))
+    finally:
+        vlm.tokenizer.eos_id = original
+    assert stopped == tokens[: tokens.index(tokens[3])]
+
+
+def test_answer_counts(vlm, image):
+    session = vlm.session(image)
+    answer = session.ask("Describe the scene.", SamplingParams(max_new_tokens=5))
+    question = vlm.tokenizer.encode("\nDescribe the scene. ASSISTANT:")
+    assert (answer.prompt_tokens, answer.generated_tokens) == (session.prefix_length + len(question), 5)
+
+
+def test_history_continues_upstreams_conversation_template(vlm, image):
+    session = vlm.session(image, keep_history=True)
+    params = SamplingParams(max_new_tokens=4)
+    first = list(session.generate("How many shapes?", params))
+    second = list(session.generate("And their colour?", params))
+    tok = vlm.tokenizer
+    # "...USER: <image>\nq1 ASSISTANT: a1</s>USER: q2 ASSISTANT:", with a1 the generated ids.
+    history = tok.encode("\nHow many shapes? ASSISTANT:") + first + [tok.eos_id] + tok.encode("USER: And their colour? ASSISTANT:")
+    assert second == greedy_reference(vlm, image, history, 4)
+
+
+def test_choose_ranks_like_brute_force_scoring(vlm, image):
+    options = ["move_forward", "turn_left", "turn_right", "stop"]
+    choice = vlm.session(image).choose("Go to the red square.", options)
+    tok = vlm.tokenizer
+    question = tok.encode("\nGo to the red square. ASSISTANT:")
+    expected = {}
+    for option in options:
+        ids = tok.encode(option) + [tok.eos_id]
+        logits = full_logits(vlm, image, question + ids)[-len(ids) - 1 : -1]
+        expected[option] = float(torch.log_softmax(logits, -1)[torch.arange(len(ids)), ids].sum())
+    assert choice.scores.keys() == expected.keys()
+    for option in options:
+        assert choice.scores[option] == pytest.approx(expected[option], abs=1e-3)
+    assert choice.option == max(expected, key=expected.get)
+    probabilities = [math.exp(s) for s in choice.scores.values()]
+    assert sum(p / sum(probabilities) for p in probabilities) == pytest.approx(1.0)
+    assert choice.confidence == pytest.approx(max(probabilities) / sum(probabilities))
+
+
+def test_choose_only_returns_given_options_and_leaves_the_session_usable(vlm, image):
+    session = vlm.session(image, keep_history=True)
+    session.ask("How many shapes?", SamplingParams(max_new_tokens=3))
+    length = session.cache.length
+    for options in (["yes", "no"], ["a red circle", "a blue square", "nothing"], ["left"]):
+        choice = session.choose("Which one?", options)
+        assert choice.option in options
+        assert session.cache.length == length
+    assert vlm.session(image).choose("Which one?", ["left"]).confidence == 1.0
+
+
+@pytest.mark.parametrize("options, message", [
+    ([], "options are empty"),
+    (["stop", ""], "an option is empty"),
+    (["stop", "  "], "an option is empty"),
+    (["stop", "turn_left", "stop"], r"options repeat: \['stop'\]"),
+])
+def test_bad_options(vlm, image, options, message):
+    with pytest.raises(PromptError, match=message):
+        vlm.session(image).choose("Go.", options)
+
+
+def test_prompt_longer_than_the_context_names_the_limit(vlm, image):
+    session = vlm.session(image)
+    with pytest.raises(PromptError, match=r"prompt is \d+ tokens with the image; the context holds 1024"):
+        session.ask("why " * 2000)
+    with pytest.raises(PromptError, match="the context holds 1024"):
+        session.choose("why " * 2000, ["yes", "no"])
+    assert session.ask("Still fine?", SamplingParams(max_new_tokens=2)).generated_tokens <= 2
+
+
+def test_generation_stops_at_the_end_of_the_context(vlm, image):
+    session = vlm.session(image)
+
+    def room(question: str) -> int:
+        return 1024 - session.prefix_length - len(vlm.tokenizer.encode(f"\n{question} ASSISTANT:"))
+
+    words = 1
+    while room("word " * (words + 1)) > 4:
+        words += 1
+    question = "word " * words
+    answer = session.ask(question, SamplingParams(max_new_tokens=500))
+    assert 0 < answer.generated_tokens <= room(question)
+
+
+def test_empty_question(vlm, image):
+    with pytest.raises(PromptError, match="question is empty"):
+        vlm.session(image).ask("  ")
+    with pytest.raises(PromptError, match="question is empty"):
+        vlm.ask("not even an image", " ")
+
+
+def test_bgr_frames_give_the_rgb_answer(vlm, image):
+    rgb = vlm.ask(image, "What colour?", max_new_tokens=6)
+    assert vlm.ask(image[:, :, ::-1].copy(), "What colour?", max_new_tokens=6, channel_order="bgr") == rgb
+
+
+def test_text_assembler_holds_back_partial_characters_and_stop_prefixes(tokenizer_model):
+    from mobilevlm_ros.model.prompt import SentencePieceTokenizer
+
+    tokenizer = SentencePieceTokenizer(tokenizer_model)
+    text = "Turn left é then STOP here"
+    ids = tokenizer.encode(text)
+    assembler = TextAssembler(tokenizer, stop=("STOP",))
+    pieces = []
+    for token in ids:
+        pieces.append(assembler.add(token))
+        assert "\ufffd" not in "".join(pieces) and "ST" not in "".join(pieces)
+        if assembler.stopped:
+            break
+    pieces.append(assembler.finish())
+    assert "".join(pieces) == "Turn left é then"
