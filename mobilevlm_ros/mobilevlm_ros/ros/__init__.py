@@ -1,0 +1,1 @@
+"""The ROS 2 node: topic, service and action interfaces around the MobileVLM runtime, and camera-image conversion."""

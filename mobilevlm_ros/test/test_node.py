@@ -1,0 +1,468 @@
+"""mobilevlm_node with the tiny checkpoint, through real rclpy messages: cameras, services, action, topics, lifecycle.
+
+The node spins on its own executor thread; the test talks to it from a client node, exactly as another process
+would. Answers are compared with the library's own answer for the same frame (the model is greedy, so deterministic).
+"""
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+import rclpy
+import torch
+from action_msgs.msg import GoalStatus
+from builtin_interfaces.msg import Time
+from diagnostic_msgs.msg import DiagnosticArray
+from lifecycle_msgs.msg import State
+from rclpy.action import ActionClient
+from rclpy.context import Context
+from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
+from rclpy.lifecycle import TransitionCallbackReturn
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from rclpy.qos import qos_profile_sensor_data
+from ros_env import configure_ros_test_environment
+from sensor_msgs.msg import CompressedImage, Image
+from std_msgs.msg import String
+
+from mobilevlm_interfaces.action import Ask
+from mobilevlm_interfaces.msg import Answer
+from mobilevlm_interfaces.srv import NavigationInstruction, VisualQuery
+from mobilevlm_ros.ros.node import MobileVLMNode
+from mobilevlm_ros.runtime.vlm import MobileVLM
+
+TIMEOUT_S = 30.0
+FRAME = np.random.default_rng(11).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+
+
+def encode(rgb: np.ndarray, encoding: str, stamp: Time, pad: int = 0) -> Image:
+    """A sensor_msgs/Image of `rgb` in `encoding`, rows padded by `pad` bytes."""
+    conversions = {
+        "rgb8": lambda x: x, "bgr8": lambda x: x[:, :, ::-1],
+        "rgba8": lambda x: np.dstack([x, np.full(x.shape[:2], 255, np.uint8)]),
+        "bgra8": lambda x: np.dstack([x[:, :, ::-1], np.full(x.shape[:2], 255, np.uint8)]),
+        "mono8": lambda x: cv2.cvtColor(x, cv2.COLOR_RGB2GRAY),
+        "mono16": lambda x: cv2.cvtColor(x, cv2.COLOR_RGB2GRAY).astype(">u2") * 257,
+        "yuv422_yuy2": lambda x: cv2.cvtColor(x, cv2.COLOR_RGB2YUV_YUY2),
+        "yuv422": lambda x: cv2.cvtColor(x, cv2.COLOR_RGB2YUV_YUY2).reshape(x.shape[0], -1, 4)[:, :, [1, 0, 3, 2]],
+    }
+    pixels = np.ascontiguousarray(conversions[encoding](rgb))
+    rows = pixels.reshape(rgb.shape[0], -1).view(np.uint8).reshape(rgb.shape[0], -1)
+    rows = np.hstack([rows, np.zeros((rows.shape[0], pad), np.uint8)])
+    msg = Image(height=rgb.shape[0], width=rgb.shape[1], encoding=encoding, step=rows.shape[1],
+                is_bigendian=int(encoding == "mono16"), data=rows.tobytes())
+    msg.header.stamp = stamp
+    msg.header.frame_id = "camera_optical"
+    return msg
+
+
+class Harness:
+    """The node on a background executor, a client node driven from the test thread."""
+
+    def __init__(self, context: Context, parameters: dict[str, Any], namespace: str):
+        """The node runs in `namespace`, so harnesses alive at the same time never share topics or services."""
+        self.context = context
+        self.ns = f"/{namespace}"
+        self.node = MobileVLMNode(context=context, namespace=namespace,
+                                  parameter_overrides=[Parameter(k, value=v) for k, v in parameters.items()])
+        self.executor = MultiThreadedExecutor(num_threads=4, context=context)
+        self.executor.add_node(self.node)
+        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self.thread.start()
+        self.client = Node("test_client", context=context)
+        self.client_executor = SingleThreadedExecutor(context=context)
+        self.client_executor.add_node(self.client)
+        self.camera = self.client.create_publisher(Image, f"{self.ns}/image", qos_profile_sensor_data)
+        self.vqa = self.client.create_client(VisualQuery, f"{self.ns}/mobilevlm_node/vqa")
+        self.navigate = self.client.create_client(NavigationInstruction, f"{self.ns}/mobilevlm_node/navigate")
+
+    def close(self) -> None:
+        self.node.on_shutdown(None)
+        self.executor.shutdown(timeout_sec=5)
+        self.thread.join(5)
+        self.node.destroy_node()
+        self.client.destroy_node()
+
+    def spin_until(self, done: Callable[[], bool], what: str, timeout_s: float = TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not done():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            self.client_executor.spin_once(timeout_sec=0.05)
+
+    def call(self, client: Any, request: Any) -> Any:
+        assert client.wait_for_service(timeout_sec=TIMEOUT_S), f"{client.srv_name} never appeared"
+        future = client.call_async(request)
+        self.spin_until(future.done, f"{client.srv_name} response")
+        return future.result()
+
+    def publish_frame(self, msg: Image, publisher: Any = None, camera: str = "camera") -> None:
+        """Publish until the node has stored this very message as the camera's latest frame."""
+        publisher = publisher or self.camera
+        self.spin_until(lambda: publisher.get_subscription_count() > 0, "camera subscription")
+
+        def stored() -> bool:
+            latest = self.node.frames.snapshot()[camera].last
+            return latest is not None and latest.msg.header.stamp == msg.header.stamp
+
+        deadline = time.monotonic() + TIMEOUT_S
+        while not stored():
+            assert time.monotonic() < deadline, "frame never arrived"
+            publisher.publish(msg)
+            self.client_executor.spin_once(timeout_sec=0.05)
+
+
+@pytest.fixture(scope="module")
+def context(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Context]:
+    configure_ros_test_environment(tmp_path_factory.mktemp("ros"))
+    ctx = Context()
+    rclpy.init(context=ctx)
+    yield ctx
+    ctx.try_shutdown()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(make_checkpoint):
+    return make_checkpoint(dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def vlm(checkpoint) -> MobileVLM:
+    return MobileVLM.from_pretrained(checkpoint, device="cpu")
+
+
+def node_parameters(checkpoint, **overrides: Any) -> dict[str, Any]:
+    return {"model_path": str(checkpoint), "max_new_tokens": 6, "max_frame_age_s": 0.0,
+            "cameras": ["camera", "front"], "camera_topics": ["image", "front/image"],
+            "camera_transports": ["raw", "compressed"], **overrides}
+
+
+@pytest.fixture(scope="module")
+def harness(context, checkpoint) -> Iterator[Harness]:
+    h = Harness(context, node_parameters(checkpoint), "main")
+    assert h.node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+    assert h.node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+    yield h
+    h.close()
+
+
+def stamp(sec: int) -> Time:
+    return Time(sec=sec, nanosec=123)
+
+
+def test_vqa_answers_about_the_latest_frame(harness, vlm):
+    harness.publish_frame(encode(FRAME, "rgb8", stamp(100)))
+    response = harness.call(harness.vqa, VisualQuery.Request(question="What is in the image?"))
+    assert response.success, response.error
+    assert response.answer == vlm.ask(FRAME, "What is in the image?", max_new_tokens=6)
+    assert (response.image_stamp.sec, response.image_stamp.nanosec) == (100, 123)
+    assert response.camera == "camera"
+    assert response.generated_tokens <= 6 and response.prompt_tokens > 144
+    assert response.latency_s > 0
+
+
+@pytest.mark.parametrize("encoding, pad", [("rgb8", 0), ("rgb8", 5), ("bgr8", 0), ("rgba8", 3), ("bgra8", 0)])
+def test_lossless_encodings_give_the_rgb_answer(harness, vlm, encoding, pad):
+    harness.publish_frame(encode(FRAME, encoding, stamp(200 + pad), pad=pad))
+    response = harness.call(harness.vqa, VisualQuery.Request(question="What colour?"))
+    assert response.success, response.error
+    assert response.answer == vlm.ask(FRAME, "What colour?", max_new_tokens=6)
+    assert response.image_stamp.sec == 200 + pad
+
+
+@pytest.mark.parametrize("encoding", ["mono8", "mono16", "yuv422", "yuv422_yuy2"])
+def test_other_encodings_are_answered(harness, encoding):
+    harness.publish_frame(encode(FRAME, encoding, stamp(300)))
+    response = harness.call(harness.vqa, VisualQuery.Request(question="What colour?"))
+    assert response.success, response.error
+    assert response.image_stamp.sec == 300
+
+
+def test_compressed_camera(harness, vlm):
+    publisher = harness.client.create_publisher(CompressedImage, f"{harness.ns}/front/image/compressed", qos_profile_sensor_data)
+    ok, png = cv2.imencode(".png", FRAME[:, :, ::-1])
+    msg = CompressedImage(format="png", data=png.tobytes())
+    msg.header.stamp = stamp(400)
+    harness.publish_frame(msg, publisher, camera="front")
+    response = harness.call(harness.vqa, VisualQuery.Request(question="What colour?", camera="front"))
+    assert response.success, response.error
+    assert (response.camera, response.image_stamp.sec) == ("front", 400)
+    assert response.answer == vlm.ask(FRAME, "What colour?", max_new_tokens=6)
+
+
+def test_image_in_the_request(harness, vlm):
+    image = encode(FRAME[::-1].copy(), "bgr8", stamp(500))
+    response = harness.call(harness.vqa, VisualQuery.Request(question="What colour?", image=image, max_new_tokens=4))
+    assert response.success, response.error
+    assert response.answer == vlm.ask(FRAME[::-1].copy(), "What colour?", max_new_tokens=4)
+    assert response.image_stamp.sec == 500
+    assert response.generated_tokens <= 4
+
+
+def test_navigate_chooses_one_of_the_actions(harness, vlm):
+    harness.publish_frame(encode(FRAME, "rgb8", stamp(600)))
+    response = harness.call(harness.navigate, NavigationInstruction.Request(instruction="Go to the red door."))
+    assert response.success, response.error
+    assert list(response.actions) == ["move_forward", "turn_left", "turn_right", "stop"]
+    assert response.action in response.actions
+    assert len(response.scores) == 4 and 0 < response.confidence <= 1
+    assert response.action == response.actions[int(np.argmax(response.scores))]
+    expected = vlm.session(FRAME).choose("Go to the red door.\nAnswer with one of: move_forward, turn_left, turn_right, stop.", list(response.actions))
+    assert response.action == expected.option
+    custom = harness.call(harness.navigate, NavigationInstruction.Request(instruction="Go.", actions=["left", "right"]))
+    assert custom.success and custom.action in ("left", "right") and list(custom.actions) == ["left", "right"]
+
+
+def test_ask_action_streams_feedback(harness, vlm):
+    harness.publish_frame(encode(FRAME, "rgb8", stamp(700)))
+    client = ActionClient(harness.client, Ask, f"{harness.ns}/mobilevlm_node/ask")
+    try:
+        assert client.wait_for_server(timeout_sec=TIMEOUT_S)
+        feedback: list[str] = []
+        goal_future = client.send_goal_async(Ask.Goal(question="Describe it.", max_new_tokens=8),
+                                             feedback_callback=lambda m: feedback.append(m.feedback.partial_answer))
+        harness.spin_until(goal_future.done, "goal response")
+        result_future = goal_future.result().get_result_async()
+        harness.spin_until(result_future.done, "ask result")
+        result = result_future.result()
+        assert result.status == GoalStatus.STATUS_SUCCEEDED, result.result.error
+        assert result.result.answer == vlm.ask(FRAME, "Describe it.", max_new_tokens=8)
+        assert result.result.image_stamp.sec == 700
+        assert all(result.result.answer.startswith(text) for text in feedback)
+    finally:
+        client.destroy()
+
+
+def test_ask_action_can_be_canceled_mid_stream(harness):
+    harness.publish_frame(encode(FRAME, "rgb8", stamp(800)))
+    client = ActionClient(harness.client, Ask, f"{harness.ns}/mobilevlm_node/ask")
+    try:
+        assert client.wait_for_server(timeout_sec=TIMEOUT_S)
+        feedback: list[str] = []
+        goal_future = client.send_goal_async(Ask.Goal(question="Describe everything in detail.", max_new_tokens=800),
+                                             feedback_callback=lambda m: feedback.append(m.feedback.partial_answer))
+        harness.spin_until(goal_future.done, "goal response")
+        handle = goal_future.result()
+        harness.spin_until(lambda: len(feedback) > 0, "first feedback")
+        cancel = handle.cancel_goal_async()
+        harness.spin_until(cancel.done, "cancel response")
+        result_future = handle.get_result_async()
+        harness.spin_until(result_future.done, "canceled result")
+        result = result_future.result()
+        assert result.status == GoalStatus.STATUS_CANCELED
+        assert not result.result.success and result.result.error == "canceled"
+        assert result.result.generated_tokens < 800
+    finally:
+        client.destroy()
+    assert harness.call(harness.vqa, VisualQuery.Request(question="Still there?")).success
+
+
+def test_query_topic_publishes_an_answer_with_the_image_stamp(harness, vlm):
+    answers: list[Answer] = []
+    debug: list[Image] = []
+    harness.client.create_subscription(Answer, f"{harness.ns}/mobilevlm_node/answer", answers.append, 10)
+    harness.client.create_subscription(Image, f"{harness.ns}/mobilevlm_node/debug_image", debug.append, qos_profile_sensor_data)
+    query = harness.client.create_publisher(String, f"{harness.ns}/mobilevlm_node/query", 10)
+    harness.publish_frame(encode(FRAME, "rgb8", stamp(900)))
+    harness.spin_until(lambda: query.get_subscription_count() > 0 and harness.node.debug_publisher.get_subscription_count() > 0, "query and debug subscriptions")
+    query.publish(String(data="What is in the image?"))
+    harness.spin_until(lambda: answers and debug, "answer and debug image")
+    answer = answers[0]
+    assert answer.success, answer.error
+    assert answer.answer == vlm.ask(FRAME, "What is in the image?", max_new_tokens=6)
+    assert (answer.header.stamp.sec, answer.header.frame_id, answer.camera) == (900, "camera_optical", "camera")
+    assert (debug[0].width, debug[0].height, debug[0].encoding, debug[0].header.stamp.sec) == (64, 48, "rgb8", 900)
+
+
+def bad_image(kind: str) -> Image:
+    image = encode(FRAME, "rgb8", stamp(1))
+    if kind == "step":
+        image.step = 10
+    elif kind == "encoding":
+        image.encoding = "32FC1"
+    elif kind == "truncated":
+        image.data = image.data[:100]
+    return image
+
+
+@pytest.mark.parametrize("request_fields, error", [
+    (dict(question=""), "question is empty"),
+    (dict(question="   "), "question is empty"),
+    (dict(question="x" * 3000), "question is 3000 characters; the limit is 2000"),
+    (dict(question="Hi?", camera="rear"), "unknown camera 'rear' (cameras: camera, front)"),
+    (dict(question="Hi?", image=bad_image("step")), "step 10 is less than width 64 x 3 bytes per pixel"),
+    (dict(question="Hi?", image=bad_image("encoding")), "unsupported image encoding '32FC1'"),
+    (dict(question="Hi?", image=bad_image("truncated")), "data is 100 bytes; step 192 x height 48 needs 9216"),
+])
+def test_bad_requests_get_specific_errors_and_the_node_keeps_serving(harness, request_fields, error):
+    harness.publish_frame(encode(FRAME, "rgb8", stamp(1000)))
+    response = harness.call(harness.vqa, VisualQuery.Request(**request_fields))
+    assert not response.success
+    assert error in response.error
+    assert harness.call(harness.vqa, VisualQuery.Request(question="And now?")).success
+
+
+def test_bad_navigation_instruction(harness):
+    response = harness.call(harness.navigate, NavigationInstruction.Request(instruction=" "))
+    assert not response.success and response.error == "instruction is empty"
+    response = harness.call(harness.navigate, NavigationInstruction.Request(instruction="Go.", actions=["left", "left"]))
+    assert not response.success and "options repeat" in response.error
+
+
+def test_no_frame_yet_and_stale_frames(context, checkpoint):
+    h = Harness(context, node_parameters(checkpoint, max_frame_age_s=0.5), "stale")
+    try:
+        assert h.node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+        assert h.node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+        response = h.call(h.vqa, VisualQuery.Request(question="Hi?"))
+        assert (response.success, response.error) == (False, "no frame from camera 'camera' yet")
+        old = h.node.get_clock().now().nanoseconds // 1_000_000_000 - 10
+        h.publish_frame(encode(FRAME, "rgb8", Time(sec=old)))
+        response = h.call(h.vqa, VisualQuery.Request(question="Hi?"))
+        assert not response.success
+        assert response.error.startswith("no frame from camera 'camera' for 1") and "max_frame_age_s is 0.5" in response.error
+        h.publish_frame(encode(FRAME, "rgb8", h.node.get_clock().now().to_msg()))
+        assert h.call(h.vqa, VisualQuery.Request(question="Hi?")).success
+    finally:
+        h.close()
+
+
+def test_full_queue_answers_busy_at_once(context, checkpoint):
+    h = Harness(context, node_parameters(checkpoint, max_queue=1, max_new_tokens=300), "busy")
+    try:
+        assert h.node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+        assert h.node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+        h.publish_frame(encode(FRAME, "rgb8", stamp(1100)))
+        assert h.vqa.wait_for_service(timeout_sec=TIMEOUT_S)
+        futures = [h.vqa.call_async(VisualQuery.Request(question=f"Question {i}?")) for i in range(6)]
+        h.spin_until(lambda: all(f.done() for f in futures), "all responses", timeout_s=120)
+        errors = [f.result().error for f in futures if not f.result().success]
+        assert "busy: queue full (1)" in errors
+        assert any(f.result().success for f in futures)
+    finally:
+        h.close()
+
+
+def test_lifecycle_transitions(context, checkpoint):
+    h = Harness(context, node_parameters(checkpoint), "lifecycle")
+    try:
+        node = h.node
+        assert node._state_machine.current_state[0] == State.PRIMARY_STATE_UNCONFIGURED
+        assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+        assert node.vlm is not None and node.worker is None
+        assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+        h.publish_frame(encode(FRAME, "rgb8", stamp(1200)))
+        assert h.call(h.vqa, VisualQuery.Request(question="Hi?")).success
+        assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
+        assert node.worker is None
+        h.spin_until(lambda: not h.vqa.service_is_ready(), "service to disappear")
+        assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+        h.publish_frame(encode(FRAME, "rgb8", stamp(1201)))
+        assert h.call(h.vqa, VisualQuery.Request(question="Hi?")).success
+        assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
+        assert node.trigger_cleanup() == TransitionCallbackReturn.SUCCESS
+        assert node.vlm is None
+        assert node._state_machine.current_state[0] == State.PRIMARY_STATE_UNCONFIGURED
+    finally:
+        h.close()
+
+
+def test_bad_model_path_leaves_the_node_unconfigured_with_the_error_in_diagnostics(context, tmp_path):
+    h = Harness(context, {"model_path": str(tmp_path / "missing")}, "broken")
+    try:
+        statuses: list[DiagnosticArray] = []
+        h.client.create_subscription(DiagnosticArray, "/diagnostics", statuses.append, 10)
+        assert h.node.trigger_configure() == TransitionCallbackReturn.FAILURE
+        assert h.node._state_machine.current_state[0] == State.PRIMARY_STATE_UNCONFIGURED
+
+        def reported() -> bool:
+            return any("missing: not a directory" in s.message for a in statuses for s in a.status)
+
+        h.spin_until(reported, "diagnostics with the configure error", timeout_s=10)
+    finally:
+        h.close()
+
+
+def test_diagnostics_report_cameras_queue_and_latency(harness):
+    statuses: list[DiagnosticArray] = []
+    harness.client.create_subscription(DiagnosticArray, "/diagnostics", statuses.append, 10)
+    harness.publish_frame(encode(FRAME, "rgb8", stamp(1300)))
+    assert harness.call(harness.vqa, VisualQuery.Request(question="Hi?")).success
+    harness.spin_until(lambda: any(s.message == "serving" for a in statuses for s in a.status), "diagnostics", timeout_s=10)
+    status = next(s for a in statuses for s in a.status if s.message == "serving")
+    values = {v.key: v.value for v in status.values}
+    assert values["lifecycle state"] == "active"
+    assert values["language backend"] == "torch"
+    assert int(values["camera camera: frames"]) > 0
+    assert values["camera front: age (s)"] in ("no frame yet",) or float(values["camera front: age (s)"]) >= 0
+    assert {"queue depth", "latency p50 (s)", "latency p95 (s)", "answered", "errors"} <= values.keys()
+
+
+def test_declared_parameters_have_descriptions(harness):
+    from mobilevlm_ros.ros.parameters import SPECS
+
+    for spec in SPECS:
+        assert harness.node.describe_parameter(spec.name).description.startswith(spec.description)
+        assert harness.node.get_parameter(spec.name).value is not None
+
+
+class ProcessClient:
+    """A client node in this process for a node running as a separate process."""
+
+    def __init__(self, context: Context, namespace: str):
+        self.node = Node(f"client_{namespace}", context=context)
+        self.executor = SingleThreadedExecutor(context=context)
+        self.executor.add_node(self.node)
+        self.camera = self.node.create_publisher(Image, f"/{namespace}/image", qos_profile_sensor_data)
+        self.vqa = self.node.create_client(VisualQuery, f"/{namespace}/mobilevlm_node/vqa")
+
+    def spin_until(self, done: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not done():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            self.executor.spin_once(timeout_sec=0.05)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_console_script_serves_then_exits_cleanly_on_a_signal(context, checkpoint, vlm, tmp_path, signum):
+    namespace = f"process_{signum.name.lower()}"
+    log = (tmp_path / "node.log").open("w")
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mobilevlm_node"), "--ros-args", "-r", f"__ns:=/{namespace}",
+         "-p", f"model_path:={checkpoint}", "-p", "max_new_tokens:=4", "-p", "max_frame_age_s:=0.0"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    client = ProcessClient(context, namespace)
+    try:
+        assert client.vqa.wait_for_service(timeout_sec=60), (tmp_path / "node.log").read_text()
+        frame = encode(FRAME, "rgb8", stamp(1400))
+        first = client.vqa.call_async(VisualQuery.Request(question="What is in the image?"))
+        while not first.done():  # the subscription may match after the first frames: keep publishing until answered
+            client.camera.publish(frame)
+            client.executor.spin_once(timeout_sec=0.1)
+            if first.done() and not first.result().success and "no frame" in first.result().error:
+                first = client.vqa.call_async(VisualQuery.Request(question="What is in the image?"))
+        assert first.result().success, first.result().error
+        assert first.result().answer == vlm.ask(FRAME, "What is in the image?", max_new_tokens=4)
+        assert first.result().image_stamp.sec == 1400
+
+        in_flight = client.vqa.call_async(VisualQuery.Request(question="Describe it all.", max_new_tokens=2000))
+        time.sleep(0.3)
+        process.send_signal(signum)
+        signalled = time.monotonic()
+        client.spin_until(in_flight.done, "the in-flight response", timeout_s=10)
+        assert in_flight.result().success or in_flight.result().error == "node is shutting down"
+        assert process.wait(timeout=10) == 0
+        assert time.monotonic() - signalled < 5.0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        client.node.destroy_node()
+        log.close()
