@@ -1,23 +1,26 @@
-"""Shared fixtures: a real sentencepiece tokenizer trained at fixture time and tiny official-format checkpoints."""
+"""Shared fixtures: a real sentencepiece tokenizer trained at fixture time, tiny official-format checkpoints, and one
+rclpy context for the ROS tests."""
 
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tiny_checkpoint import train_tokenizer, write_checkpoint
-
 
 @pytest.fixture(scope="session")
 def tokenizer_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny_checkpoint import train_tokenizer  # imports torch and transformers: only for the tests that need them
+
     return train_tokenizer(tmp_path_factory.mktemp("tokenizer") / "tokenizer.model")
 
 
 @pytest.fixture(scope="session")
 def make_checkpoint(tmp_path_factory: pytest.TempPathFactory, tokenizer_model: Path) -> Callable[..., Path]:
     """Write (once per distinct arguments) a tiny checkpoint; see tiny_checkpoint.write_checkpoint for the arguments."""
+    from tiny_checkpoint import write_checkpoint
+
     written: dict[tuple, Path] = {}
 
     def make(**kwargs) -> Path:
@@ -46,3 +49,18 @@ def camera_image() -> np.ndarray:
     image = rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)
     image[60:180, 100:220] = (200, 30, 30)
     return image
+
+
+@pytest.fixture(scope="session")
+def ros_context(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A private rclpy context on loopback, with its own domain id and log directory (see ros_env.py)."""
+    import rclpy
+    from rclpy.context import Context
+
+    from ros_env import configure_ros_test_environment
+
+    configure_ros_test_environment(tmp_path_factory.mktemp("ros"))
+    context = Context()
+    rclpy.init(context=context)
+    yield context
+    context.try_shutdown()

@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-import rclpy
 from builtin_interfaces.msg import Time
 from rclpy.action import ActionClient, ActionServer
 from rclpy.context import Context
@@ -21,7 +20,6 @@ from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile
 from rclpy.task import Future
-from ros_env import configure_ros_test_environment
 from sensor_msgs.msg import Image
 
 from mobilevlm_interfaces.action import Ask
@@ -31,22 +29,12 @@ from mobilevlm_interfaces.srv import NavigationInstruction, VisualQuery
 TIMEOUT_S = 10.0
 
 
-@pytest.fixture(scope="module")
-def context(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Context]:
-    """A private rclpy context, so this module neither needs nor disturbs the global one."""
-    configure_ros_test_environment(tmp_path_factory.mktemp("ros"))
-    ctx = Context()
-    rclpy.init(context=ctx)
-    yield ctx
-    ctx.try_shutdown()
-
-
 @pytest.fixture()
-def nodes(context: Context) -> Iterator[tuple[Node, Node, MultiThreadedExecutor]]:
+def nodes(ros_context: Context) -> Iterator[tuple[Node, Node, MultiThreadedExecutor]]:
     """A server node and a client node, both on one executor."""
-    server = Node("interfaces_test_server", context=context)
-    client = Node("interfaces_test_client", context=context)
-    executor = MultiThreadedExecutor(num_threads=2, context=context)
+    server = Node("interfaces_test_server", context=ros_context)
+    client = Node("interfaces_test_client", context=ros_context)
+    executor = MultiThreadedExecutor(num_threads=2, context=ros_context)
     executor.add_node(server)
     executor.add_node(client)
     yield server, client, executor

@@ -16,7 +16,6 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
-import rclpy
 import torch
 from action_msgs.msg import GoalStatus
 from builtin_interfaces.msg import Time
@@ -29,7 +28,6 @@ from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import qos_profile_sensor_data
-from ros_env import configure_ros_test_environment
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 
@@ -120,15 +118,6 @@ class Harness:
 
 
 @pytest.fixture(scope="module")
-def context(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Context]:
-    configure_ros_test_environment(tmp_path_factory.mktemp("ros"))
-    ctx = Context()
-    rclpy.init(context=ctx)
-    yield ctx
-    ctx.try_shutdown()
-
-
-@pytest.fixture(scope="module")
 def checkpoint(make_checkpoint):
     return make_checkpoint(dtype=torch.float32)
 
@@ -145,8 +134,8 @@ def node_parameters(checkpoint, **overrides: Any) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def harness(context, checkpoint) -> Iterator[Harness]:
-    h = Harness(context, node_parameters(checkpoint), "main")
+def harness(ros_context, checkpoint) -> Iterator[Harness]:
+    h = Harness(ros_context, node_parameters(checkpoint), "main")
     assert h.node.trigger_configure() == TransitionCallbackReturn.SUCCESS
     assert h.node.trigger_activate() == TransitionCallbackReturn.SUCCESS
     yield h
@@ -220,18 +209,28 @@ def test_navigate_chooses_one_of_the_actions(harness, vlm):
     assert custom.success and custom.action in ("left", "right") and list(custom.actions) == ["left", "right"]
 
 
+def send_ask_goal(harness: Harness, client: ActionClient, goal: Ask.Goal, feedback: list[str]) -> Any:
+    """Send `goal` (collecting partial answers into `feedback`) and return the accepted goal handle."""
+    assert client.wait_for_server(timeout_sec=TIMEOUT_S)
+    goal_future = client.send_goal_async(goal, feedback_callback=lambda m: feedback.append(m.feedback.partial_answer))
+    harness.spin_until(goal_future.done, "goal response")
+    assert goal_future.result().accepted
+    return goal_future.result()
+
+
+def ask_result(harness: Harness, handle: Any) -> Any:
+    result_future = handle.get_result_async()
+    harness.spin_until(result_future.done, "ask result")
+    return result_future.result()
+
+
 def test_ask_action_streams_feedback(harness, vlm):
     harness.publish_frame(encode(FRAME, "rgb8", stamp(700)))
     client = ActionClient(harness.client, Ask, f"{harness.ns}/mobilevlm_node/ask")
     try:
-        assert client.wait_for_server(timeout_sec=TIMEOUT_S)
         feedback: list[str] = []
-        goal_future = client.send_goal_async(Ask.Goal(question="Describe it.", max_new_tokens=8),
-                                             feedback_callback=lambda m: feedback.append(m.feedback.partial_answer))
-        harness.spin_until(goal_future.done, "goal response")
-        result_future = goal_future.result().get_result_async()
-        harness.spin_until(result_future.done, "ask result")
-        result = result_future.result()
+        handle = send_ask_goal(harness, client, Ask.Goal(question="Describe it.", max_new_tokens=8), feedback)
+        result = ask_result(harness, handle)
         assert result.status == GoalStatus.STATUS_SUCCEEDED, result.result.error
         assert result.result.answer == vlm.ask(FRAME, "Describe it.", max_new_tokens=8)
         assert result.result.image_stamp.sec == 700
@@ -244,18 +243,12 @@ def test_ask_action_can_be_canceled_mid_stream(harness):
     harness.publish_frame(encode(FRAME, "rgb8", stamp(800)))
     client = ActionClient(harness.client, Ask, f"{harness.ns}/mobilevlm_node/ask")
     try:
-        assert client.wait_for_server(timeout_sec=TIMEOUT_S)
         feedback: list[str] = []
-        goal_future = client.send_goal_async(Ask.Goal(question="Describe everything in detail.", max_new_tokens=800),
-                                             feedback_callback=lambda m: feedback.append(m.feedback.partial_answer))
-        harness.spin_until(goal_future.done, "goal response")
-        handle = goal_future.result()
+        handle = send_ask_goal(harness, client, Ask.Goal(question="Describe everything in detail.", max_new_tokens=800), feedback)
         harness.spin_until(lambda: len(feedback) > 0, "first feedback")
         cancel = handle.cancel_goal_async()
         harness.spin_until(cancel.done, "cancel response")
-        result_future = handle.get_result_async()
-        harness.spin_until(result_future.done, "canceled result")
-        result = result_future.result()
+        result = ask_result(harness, handle)
         assert result.status == GoalStatus.STATUS_CANCELED
         assert not result.result.success and result.result.error == "canceled"
         assert result.result.generated_tokens < 800
@@ -316,8 +309,8 @@ def test_bad_navigation_instruction(harness):
     assert not response.success and "options repeat" in response.error
 
 
-def test_no_frame_yet_and_stale_frames(context, checkpoint):
-    h = Harness(context, node_parameters(checkpoint, max_frame_age_s=0.5), "stale")
+def test_no_frame_yet_and_stale_frames(ros_context, checkpoint):
+    h = Harness(ros_context, node_parameters(checkpoint, max_frame_age_s=0.5), "stale")
     try:
         assert h.node.trigger_configure() == TransitionCallbackReturn.SUCCESS
         assert h.node.trigger_activate() == TransitionCallbackReturn.SUCCESS
@@ -334,8 +327,8 @@ def test_no_frame_yet_and_stale_frames(context, checkpoint):
         h.close()
 
 
-def test_full_queue_answers_busy_at_once(context, checkpoint):
-    h = Harness(context, node_parameters(checkpoint, max_queue=1, max_new_tokens=300), "busy")
+def test_full_queue_answers_busy_at_once(ros_context, checkpoint):
+    h = Harness(ros_context, node_parameters(checkpoint, max_queue=1, max_new_tokens=300), "busy")
     try:
         assert h.node.trigger_configure() == TransitionCallbackReturn.SUCCESS
         assert h.node.trigger_activate() == TransitionCallbackReturn.SUCCESS
@@ -350,8 +343,8 @@ def test_full_queue_answers_busy_at_once(context, checkpoint):
         h.close()
 
 
-def test_lifecycle_transitions(context, checkpoint):
-    h = Harness(context, node_parameters(checkpoint), "lifecycle")
+def test_lifecycle_transitions(ros_context, checkpoint):
+    h = Harness(ros_context, node_parameters(checkpoint), "lifecycle")
     try:
         node = h.node
         assert node._state_machine.current_state[0] == State.PRIMARY_STATE_UNCONFIGURED
@@ -374,8 +367,8 @@ def test_lifecycle_transitions(context, checkpoint):
         h.close()
 
 
-def test_bad_model_path_leaves_the_node_unconfigured_with_the_error_in_diagnostics(context, tmp_path):
-    h = Harness(context, {"model_path": str(tmp_path / "missing")}, "broken")
+def test_bad_model_path_leaves_the_node_unconfigured_with_the_error_in_diagnostics(ros_context, tmp_path):
+    h = Harness(ros_context, {"model_path": str(tmp_path / "missing")}, "broken")
     try:
         statuses: list[DiagnosticArray] = []
         h.client.create_subscription(DiagnosticArray, "/diagnostics", statuses.append, 10)
@@ -431,7 +424,7 @@ class ProcessClient:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_console_script_serves_then_exits_cleanly_on_a_signal(context, checkpoint, vlm, tmp_path, signum):
+def test_console_script_serves_then_exits_cleanly_on_a_signal(ros_context, checkpoint, vlm, tmp_path, signum):
     namespace = f"process_{signum.name.lower()}"
     log = (tmp_path / "node.log").open("w")
     process = subprocess.Popen(
@@ -439,7 +432,7 @@ def test_console_script_serves_then_exits_cleanly_on_a_signal(context, checkpoin
          "-p", f"model_path:={checkpoint}", "-p", "max_new_tokens:=4", "-p", "max_frame_age_s:=0.0"],
         stdout=log, stderr=subprocess.STDOUT,
     )
-    client = ProcessClient(context, namespace)
+    client = ProcessClient(ros_context, namespace)
     try:
         assert client.vqa.wait_for_service(timeout_sec=60), (tmp_path / "node.log").read_text()
         frame = encode(FRAME, "rgb8", stamp(1400))
