@@ -23,3 +23,11 @@ class ImageError(MobileVLMError):
 
 class PromptError(MobileVLMError):
     """A question or generation request is empty, too long, or otherwise cannot be answered."""
+
+
+class ArtifactError(MobileVLMError):
+    """A built artifact (GGUF, engine) is missing, stale or corrupt and may not be rebuilt, or building it failed."""
+
+
+class BackendError(MobileVLMError):
+    """A runtime backend cannot serve a request: its sequences or memory are used up, or the runtime failed."""

@@ -9,6 +9,10 @@ import numpy as np
 import pytest
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: real-size models (tens of seconds); CI runs them too, `-m 'not slow'` skips them")
+
+
 @pytest.fixture(scope="session")
 def tokenizer_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tiny_checkpoint import train_tokenizer  # imports torch and transformers: only for the tests that need them

@@ -197,3 +197,17 @@ def test_not_a_directory(tmp_path):
 
 def test_clip_helper_uses_the_4x_layout():
     assert all(key.startswith("vision_model.") for key in clip_state_dict(0))
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin", "safetensors-sharded", "bin-sharded"])
+@pytest.mark.parametrize("projector", ["ldpnetv2", "ldpnet"])
+def test_vision_only_loading_skips_the_language_model(make_checkpoint, fmt, projector):
+    """For a GGUF language backend: the vision part loads exactly, cast to the dtype; the LLM stays on the meta device."""
+    checkpoint = make_checkpoint(fmt=fmt, projector_type=projector)
+    full = load_checkpoint(checkpoint, dtype=torch.bfloat16).model.state_dict()
+    vision = load_checkpoint(checkpoint, dtype=torch.bfloat16, with_language_model=False).model
+    for key, tensor in vision.state_dict().items():
+        if key.startswith(("model.vision_tower.", "model.mm_projector.")):
+            assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, full[key]), key
+        else:
+            assert tensor.is_meta, key

@@ -207,3 +207,18 @@ def test_text_assembler_holds_back_partial_characters_and_stop_prefixes(tokenize
             break
     pieces.append(assembler.finish())
     assert "".join(pieces) == "Turn left é then"
+
+
+def test_ask_reports_progress_and_can_be_interrupted(vlm, image):
+    session = vlm.session(image)
+    params = SamplingParams(max_new_tokens=12, min_new_tokens=12)
+    seen: list[tuple[str, int]] = []
+    full = session.ask("Describe the scene.", params, on_text=lambda text, count: seen.append((text, count)))
+    assert seen and seen[-1][0] == full.text and not full.interrupted
+    assert all(full.text.startswith(text) for text, _ in seen)
+    assert [count for _, count in seen] == sorted(count for _, count in seen)
+
+    calls = []
+    stopped = session.ask("Describe the scene.", params, should_stop=lambda: calls.append(1) or len(calls) >= 3)
+    assert stopped.interrupted and stopped.generated_tokens == 3
+    assert full.text.startswith(stopped.text)

@@ -12,10 +12,12 @@ class SamplingParams:
     """How to generate. `temperature` 0 is greedy (upstream's benchmark setting); `seed` makes sampling repeatable.
 
     `repetition_penalty` (CTRL-style, > 1 discourages) applies to the tokens of the current turn: the question and
-    what has been generated. `stop` strings end the answer; the text is cut before them.
+    what has been generated. `stop` strings end the answer; the text is cut before them. Before `min_new_tokens`
+    tokens EOS is never chosen (fixed-length answers make benchmark runs comparable, like transformers' option).
     """
 
     max_new_tokens: int = 128
+    min_new_tokens: int = 0
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
@@ -26,6 +28,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_new_tokens <= 0:
             raise PromptError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+        if self.min_new_tokens < 0:
+            raise PromptError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
         if not self.temperature >= 0:
             raise PromptError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:

@@ -7,7 +7,7 @@ question continues the conversation ("...ASSISTANT: {answer}</s>USER: {question}
 """
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +23,7 @@ class Answer:
     text: str
     prompt_tokens: int  # everything the answer was conditioned on: prefix, image, history and question
     generated_tokens: int
+    interrupted: bool = False  # should_stop() ended it before EOS or the token limit
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,8 @@ class Session:
         sampler, turn_ids, unfed = Sampler(params), list(question_ids), []
         try:
             for step in range(params.max_new_tokens):
+                if step < params.min_new_tokens:
+                    logits = logits.index_fill(0, torch.tensor([self.tokenizer.eos_id], device=logits.device), float("-inf"))
                 token = sampler(logits, turn_ids)
                 if token == self.tokenizer.eos_id:
                     return
@@ -94,14 +97,28 @@ class Session:
         if piece := text.finish():
             yield piece
 
-    def ask(self, question: str, params: SamplingParams = SamplingParams()) -> Answer:
+    def ask(
+        self,
+        question: str,
+        params: SamplingParams = SamplingParams(),
+        on_text: Callable[[str, int], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Answer:
+        """Answer `question`. `on_text(text so far, tokens so far)` sees the answer grow; `should_stop()` is asked
+        after every token and ends generation early (for cancel and timeouts), leaving `Answer.interrupted` set."""
         text = TextAssembler(self.tokenizer, params.stop)
+        interrupted = False
         for token in self.generate(question, params):
-            text.add(token)
+            if text.add(token) and on_text:
+                on_text(text.emitted, len(text.ids))
             if text.stopped:
                 break
-        text.finish()
-        return Answer(text.emitted, self.prompt_tokens, len(text.ids))
+            if should_stop and should_stop():
+                interrupted = True
+                break
+        if text.finish() and on_text:
+            on_text(text.emitted, len(text.ids))
+        return Answer(text.emitted, self.prompt_tokens, len(text.ids), interrupted)
 
     def choose(self, instruction: str, options: list[str]) -> Choice:
         """Score every option as the answer to `instruction`; the best one wins. Never returns text outside `options`."""

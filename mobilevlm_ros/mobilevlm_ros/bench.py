@@ -1,0 +1,535 @@
+"""`mobilevlm bench`: the whole pipeline (camera frame -> answer) of a MobileVLM of real dimensions, against baselines.
+
+With `--size 1.7b` or `3b` the bench writes a checkpoint of that architecture with random weights (no download) in the
+official on-disk format, so the same loader, GGUF export and sessions run as for a real model; `--model DIR` takes a
+real checkpoint instead. Random weights make the answers meaningless but the work identical, and every answer is forced
+to `new_tokens` tokens (EOS suppressed) so the pipelines compare equal work.
+
+Each pipeline is loaded in a process of its own, so its peak RSS is its own (the checkpoint writer and the GGUF build,
+which hold the fp16 weights in memory, run in processes of their own too). After a warm-up run each, the pipelines
+whose speeds are compared run in turn, run by run (ours and llamacpp-plain alternate), so a shared machine whose
+speed drifts affects them alike; the slow reference runs on its own afterwards. Medians of the runs are reported.
+- ours: `MobileVLM` sessions on the chosen language backend: a frame is encoded and [system + image] prefilled once,
+  then each question prefills only itself; the second question reuses the frame.
+- reference (`--vs reference`): the plain transformers path, torch vision and projector then
+  `LlamaForCausalLM.generate(inputs_embeds=..., do_sample=False, min_new_tokens=max_new_tokens=N)` on the whole prompt.
+- llamacpp-plain (`--vs llamacpp-plain`): llama-cpp-python's own `Llama.generate` on the same GGUF file, greedy, with a
+  text-only prompt of the same token count (no image path exists there); it shows what our ctypes driving costs.
+"""
+
+import io
+import json
+import logging
+import os
+import platform
+import random
+import resource
+import shutil
+import statistics
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+CLIP_L_336 = dict(
+    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+    image_size=336, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=768,
+)
+LLAMA_COMMON = dict(rms_norm_eps=1e-6, rope_theta=10000.0, hidden_act="silu", bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+SIZES: dict[str, dict[str, Any]] = {
+    # The architectures of MobileVLM 1.7B / 3B (CLIP ViT-L/14-336 + LDPv2 + MobileLLaMA 1.4B / 2.7B).
+    "1.7b": dict(vision=CLIP_L_336, llm=dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_attention_heads=16,
+                                            num_key_value_heads=16, vocab_size=32000, max_position_embeddings=2048)),
+    "3b": dict(vision=CLIP_L_336, llm=dict(hidden_size=2560, intermediate_size=6912, num_hidden_layers=32, num_attention_heads=32,
+                                          num_key_value_heads=32, vocab_size=32000, max_position_embeddings=2048)),
+    # A smoke-test size: the same machinery in seconds.
+    "tiny": dict(vision=dict(CLIP_L_336, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4),
+                 llm=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=4, vocab_size=512, max_position_embeddings=1024)),
+}
+FIRST_QUESTION = "What is in the image? Describe the scene in detail."
+SECOND_QUESTION = "What colour is the largest object?"
+BASELINES = ("reference", "llamacpp-plain")
+CHECKPOINT_FORMAT = 1  # bump when the written bench checkpoint changes
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    size: str = "1.7b"
+    model: str | None = None  # a checkpoint directory instead of a random model of `size`
+    language: str = "llamacpp"
+    quant: str = "q4_k_s"
+    vs: tuple[str, ...] = ()
+    new_tokens: int = 64
+    repeats: int = 3
+    device: str = "cpu"
+    vision_dtype: str = "float32"  # torch dtype of our pipeline's vision tower and projector (and LLM, with torch)
+    vision: str = "torch"  # our vision backend; any other is also timed against torch eager in the same process
+    work_dir: str = str(Path.home() / ".cache" / "mobilevlm_ros" / "bench")
+    engines_dir: str | None = None  # default: <work_dir>/engines for random models, the package's engines/ for --model
+
+
+@dataclass
+class BenchResult:
+    options: BenchOptions
+    machine: dict[str, Any]
+    model_dir: str
+    gguf: dict[str, Any] | None = None
+    pipelines: dict[str, dict[str, Any]] = field(default_factory=dict)
+    ratios: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def run_bench(options: BenchOptions) -> BenchResult:
+    """Prepare the model (and GGUF), time each pipeline in its own process, and compute the ratios."""
+    if options.size not in SIZES and options.model is None:
+        raise ValueError(f"unknown size {options.size!r} (expected {', '.join(SIZES)})")
+    unknown = set(options.vs) - set(BASELINES)
+    if unknown:
+        raise ValueError(f"unknown baseline(s) {sorted(unknown)} (expected {', '.join(BASELINES)})")
+    work_dir = Path(options.work_dir)
+    if options.model is not None:
+        model_dir = Path(options.model)
+    else:
+        model_dir = _in_fresh_process(write_random_checkpoint, work_dir / f"{options.size}-random-v{CHECKPOINT_FORMAT}", options.size)
+    engines_dir = options.engines_dir or (None if options.model is not None else str(work_dir / "engines"))
+    result = BenchResult(options, machine_info(), str(model_dir))
+    if options.language == "llamacpp" or "llamacpp-plain" in options.vs:
+        result.gguf = _in_fresh_process(build_gguf, str(model_dir), options.quant, engines_dir)
+    vision = "" if options.vision == "torch" else f", {options.vision} vision"
+    ours = f"ours ({options.language} " + (options.quant if options.language == "llamacpp" else options.vision_dtype) + f"{vision})"
+    with ExitStack() as stack:
+        group = {ours: stack.enter_context(_Worker(setup_ours, str(model_dir), options, engines_dir))}
+        if "llamacpp-plain" in options.vs:
+            prompt_tokens = group[ours].run(min(4, options.new_tokens))["prompt_tokens"]  # its warm-up
+            group[f"llama-cpp-python plain ({options.quant})"] = stack.enter_context(
+                _Worker(setup_llamacpp_plain, str(model_dir), result.gguf["path"], prompt_tokens)
+            )
+        result.pipelines |= _alternate(group, options)
+    if "reference" in options.vs:
+        with _Worker(setup_reference, str(model_dir), options) as reference:
+            result.pipelines |= _alternate({"reference (transformers)": reference}, options)
+    result.ratios = ratios(result.pipelines, ours)
+    return result
+
+
+def _in_fresh_process(function: Callable[..., Any], *args: Any) -> Any:
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
+
+
+Run = Callable[[int], dict[str, float]]
+
+
+class _Worker:
+    """A pipeline loaded in a process of its own, timed one run at a time on request."""
+
+    def __init__(self, setup: Callable[..., tuple[Run, dict[str, Any]]], *args: Any):
+        context = get_context("spawn")
+        self._connection, child = context.Pipe()
+        self._process = context.Process(target=_serve, args=(child, setup, args), daemon=True)
+        self._process.start()
+        child.close()
+        self.info: dict[str, Any] = self._receive()
+        self.warm = False
+
+    def run(self, new_tokens: int) -> dict[str, float]:
+        self._connection.send(new_tokens)
+        self.warm = True
+        return self._receive()
+
+    def finish(self) -> dict[str, float]:
+        """Stop the process; its peak memory."""
+        self._connection.send(None)
+        memory = self._receive()
+        self._process.join()
+        return memory
+
+    def _receive(self) -> Any:
+        status, value = self._connection.recv()
+        if status == "error":
+            raise RuntimeError(f"a benchmark pipeline failed in its process:\n{value}")
+        return value
+
+    def __enter__(self) -> "_Worker":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self._process.is_alive():
+            self._process.kill()
+        self._process.join()
+
+
+def _serve(connection: Connection, setup: Callable[..., tuple[Run, dict[str, Any]]], args: tuple[Any, ...]) -> None:
+    """A worker process: load the pipeline, then answer each requested token count with one timed run."""
+    try:
+        run, info = setup(*args)
+        connection.send(("ok", info))
+        while (new_tokens := connection.recv()) is not None:
+            connection.send(("ok", run(new_tokens)))
+        connection.send(("ok", _peak_memory()))
+    except Exception:
+        connection.send(("error", traceback.format_exc()))
+
+
+def _alternate(workers: dict[str, _Worker], options: BenchOptions) -> dict[str, dict[str, Any]]:
+    """A short warm-up run each, then `repeats` rounds in which every pipeline runs once; medians per pipeline."""
+    for worker in workers.values():
+        if not worker.warm:
+            worker.run(min(4, options.new_tokens))
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in workers}
+    for _ in range(options.repeats):
+        for name, worker in workers.items():
+            runs[name].append(worker.run(options.new_tokens))
+    return {
+        name: worker.info | {key: statistics.median(run[key] for run in runs[name]) for key in runs[name][0]} | worker.finish()
+        for name, worker in workers.items()
+    }
+
+
+def _peak_memory() -> dict[str, float]:
+    import torch
+
+    memory = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        memory["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return memory
+
+
+def machine_info() -> dict[str, Any]:
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
+    info = {"cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    try:
+        import llama_cpp
+
+        info["llama_cpp_python"] = llama_cpp.__version__
+    except ImportError:
+        pass
+    return info
+
+
+# --- the random checkpoint -------------------------------------------------------------------------------------------
+
+def write_random_checkpoint(directory: Path, size: str) -> Path:
+    """A checkpoint of `size`'s architecture with random fp16 weights, written once and reused (seeded, so identical)."""
+    if (directory / "config.json").is_file():
+        return directory
+    import torch
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig
+    from transformers.initialization import no_init_weights
+
+    from mobilevlm_ros.model.config import parse_config
+    from mobilevlm_ros.model.mobilevlm import MobileLlamaForCausalLM
+
+    spec = SIZES[size]
+    started = time.perf_counter()
+    partial = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    (partial / "vision_tower").mkdir(parents=True)
+    # The tower directory holds only its config: the weights are stored in the checkpoint, as MobileVLM V2 does.
+    (partial / "vision_tower" / "config.json").write_text(json.dumps({"model_type": "clip_vision_model", **spec["vision"]}, indent=2))
+    config = {
+        "architectures": ["MobileLlamaForCausalLM"], "model_type": "mobilevlm", "torch_dtype": "float16",
+        **LLAMA_COMMON, **spec["llm"],
+        "mm_vision_tower": "vision_tower", "vision_tower_type": "clip", "mm_projector_type": "ldpnetv2",
+        "mm_hidden_size": spec["vision"]["hidden_size"], "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
+        "image_aspect_ratio": "pad", "mm_use_im_start_end": False, "mm_use_im_patch_token": False,
+    }
+    (partial / "config.json").write_text(json.dumps(config, indent=2))
+    train_tokenizer(partial / "tokenizer.model", spec["llm"]["vocab_size"])
+
+    with torch.device("meta"), no_init_weights():
+        skeleton = MobileLlamaForCausalLM(parse_config(config, partial / "config.json"), CLIPVisionConfig(**spec["vision"]))
+    generator = torch.Generator().manual_seed(0)
+    weights = {}
+    for key, meta in skeleton.state_dict().items():
+        if meta.ndim == 1:  # norms scale by 1, biases start at 0
+            weights[key] = (torch.ones if "norm" in key and key.endswith("weight") else torch.zeros)(meta.shape, dtype=torch.float16)
+        else:
+            weights[key] = (torch.randn(meta.shape, generator=generator) * 0.02).to(torch.float16)
+    save_file(weights, partial / "model.safetensors", metadata={"format": "pt"})
+    shutil.rmtree(directory, ignore_errors=True)
+    partial.rename(directory)
+    logger.info("wrote a random %s checkpoint to %s in %.0f s", size, directory, time.perf_counter() - started)
+    return directory
+
+
+def train_tokenizer(path: Path, vocab_size: int) -> None:
+    """A LLaMA-style sentencepiece BPE (byte fallback, unk 0 / bos 1 / eos 2) trained on generated words; it reaches
+    32000 pieces in seconds, so the 1.7B/3B bench uses LLaMA's vocabulary size (smaller sizes get what the corpus gives)."""
+    import sentencepiece
+
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9))) for _ in range(60000)]
+    sentences = [" ".join(words[i : i + 12]) for i in range(0, len(words), 12)]
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=True,
+        remove_extra_whitespaces=False, normalization_rule_name="identity", split_digits=True,
+        hard_vocab_limit=False, minloglevel=2,
+    )
+    path.write_bytes(model.getvalue())
+
+
+def build_gguf(model_dir: str, quant: str, engines_dir: str | None) -> dict[str, Any]:
+    from mobilevlm_ros.export.gguf import llm_gguf_artifact
+
+    artifact = llm_gguf_artifact(model_dir, quant, engines_dir)
+    return {"path": str(artifact.path), "size_mb": artifact.manifest["size"] / 1e6, "built_now": artifact.built,
+            "build_s": artifact.manifest["build_seconds"], "tensor_types": artifact.manifest["details"].get("tensor_types")}
+
+
+# --- the timed pipelines (each in its own process) ------------------------------------------------------------------
+
+def bench_frame() -> np.ndarray:
+    """A camera-sized frame with some structure."""
+    image = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    image[120:360, 200:440] = (200, 40, 40)
+    return image
+
+
+def setup_ours(model_dir: str, options: BenchOptions, engines_dir: str | None) -> tuple[Run, dict[str, Any]]:
+    """Our pipeline: a session per frame; the first question pays for vision and the prefix, the second reuses them."""
+    import torch
+
+    from mobilevlm_ros.runtime.sampling import SamplingParams
+    from mobilevlm_ros.runtime.session import Session
+    from mobilevlm_ros.runtime.vlm import MobileVLM
+
+    started = time.perf_counter()
+    vlm = MobileVLM.from_pretrained(
+        model_dir, device=options.device, dtype=getattr(torch, options.vision_dtype), language=options.language,
+        quant=options.quant, engines_dir=engines_dir, vision=options.vision,
+    )
+    load_s = time.perf_counter() - started
+    image = bench_frame()
+
+    def run(new_tokens: int) -> dict[str, float]:
+        params = SamplingParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            pixels = vlm.image_processor(image).unsqueeze(0).to(vlm.device, vlm.vision_dtype)
+            t1 = _sync(time.perf_counter())
+            embeds = vlm.vision(pixels)[0].to(vlm.device, vlm.vision_dtype)
+            t2 = _sync(time.perf_counter())
+        session = Session(vlm.language, vlm.tokenizer, embeds)
+        first = _token_times(session.generate(FIRST_QUESTION, params))
+        prompt_tokens = session.prompt_tokens
+        t3 = time.perf_counter()
+        second = _token_times(session.generate(SECOND_QUESTION, params))
+        return {
+            "preprocess_ms": (t1 - t0) * 1e3,
+            "vision_ms": (t2 - t1) * 1e3,
+            "prefill_tok_s": prompt_tokens / (first[0] - t2),
+            "ttft_s": first[0] - t0,
+            "decode_tok_s": (len(first) - 1) / (first[-1] - first[0]),
+            "answer_s": first[-1] - t0,
+            "second_ttft_s": second[0] - t3,
+            "prompt_tokens": prompt_tokens,
+            "generated_tokens": len(first),
+            **(torch_vision_ms(pixels) if vlm.vision.name != "torch" else {}),
+        }
+
+    def torch_vision_ms(pixels: "torch.Tensor") -> dict[str, float]:
+        """The same vision step in torch eager, after the timed answer so it cannot slow it."""
+        with torch.inference_mode():
+            started = _sync(time.perf_counter())
+            vlm.model.encode_images(pixels)
+            return {"vision_torch_ms": (_sync(time.perf_counter()) - started) * 1e3}
+
+    return run, {"pipeline": f"{options.language} backend", "load_s": load_s}
+
+
+def setup_reference(model_dir: str, options: BenchOptions) -> tuple[Run, dict[str, Any]]:
+    """The plain transformers path: no sessions; the second question re-prefills the whole prompt (the frame's
+    features are reused, so it is spared the vision pass)."""
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    from mobilevlm_ros.runtime.vlm import MobileVLM
+
+    class StepTimes(LogitsProcessor):
+        """Called once per generated token, right after its forward pass."""
+
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            self.times.append(_sync(time.perf_counter()))
+            return scores
+
+    started = time.perf_counter()
+    vlm = MobileVLM.from_pretrained(model_dir, device=options.device)
+    load_s = time.perf_counter() - started
+    image = bench_frame()
+    eos = vlm.tokenizer.eos_id
+
+    def generate(question: str, image_embeds: torch.Tensor, new_tokens: int) -> tuple[list[float], int]:
+        ids = vlm.prompt_ids(question)
+        inputs = vlm.prompt_embeds(ids, image_embeds)
+        timer = StepTimes()
+        vlm.model.generate(
+            inputs_embeds=inputs, attention_mask=torch.ones(inputs.shape[:2], dtype=torch.long, device=inputs.device),
+            max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=eos,
+            logits_processor=LogitsProcessorList([timer]),
+        )
+        return timer.times, inputs.shape[1]
+
+    def run(new_tokens: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            pixels = vlm.image_processor(image).unsqueeze(0).to(vlm.device, vlm.vision_dtype)
+            t1 = _sync(time.perf_counter())
+            embeds = vlm.model.encode_images(pixels)
+            t2 = _sync(time.perf_counter())
+        first, prompt_tokens = generate(FIRST_QUESTION, embeds, new_tokens)
+        t3 = time.perf_counter()
+        second, _ = generate(SECOND_QUESTION, embeds, new_tokens)
+        return {
+            "preprocess_ms": (t1 - t0) * 1e3,
+            "vision_ms": (t2 - t1) * 1e3,
+            "prefill_tok_s": prompt_tokens / (first[0] - t2),
+            "ttft_s": first[0] - t0,
+            "decode_tok_s": (len(first) - 1) / (first[-1] - first[0]),
+            "answer_s": first[-1] - t0,
+            "second_ttft_s": second[0] - t3,
+            "prompt_tokens": prompt_tokens,
+            "generated_tokens": len(first),
+        }
+
+    return run, {"pipeline": f"transformers generate(inputs_embeds), {vlm.vision_dtype}", "load_s": load_s}
+
+
+def setup_llamacpp_plain(model_dir: str, gguf_path: str, prompt_tokens: int) -> tuple[Run, dict[str, Any]]:
+    """llama-cpp-python's high-level generation on the same GGUF, with a text prompt as long as ours."""
+    from llama_cpp import Llama
+
+    from mobilevlm_ros.model.prompt import SYSTEM_PROMPT, load_tokenizer
+    from mobilevlm_ros.runtime.llamacpp import init_llama_cpp, physical_cores
+
+    init_llama_cpp()  # its log goes to Python logging, as ours does
+    tokenizer = load_tokenizer(model_dir)
+    text = [tokenizer.bos_id] + tokenizer.encode(f"{SYSTEM_PROMPT} USER: ")
+    question = tokenizer.encode(f"\n{FIRST_QUESTION} ASSISTANT:")
+    filler = (tokenizer.encode(" a photo of a room with a table and a chair") * prompt_tokens)[: prompt_tokens - len(text) - len(question)]
+    prompt = text + filler + question  # where our prompt has the image embeddings, this has as many text tokens
+    threads = physical_cores()  # as our backend
+    started = time.perf_counter()
+    llm = Llama(model_path=gguf_path, n_ctx=0, n_batch=512, n_ubatch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+    load_s = time.perf_counter() - started
+
+    def run(new_tokens: int) -> dict[str, float]:
+        llm.reset()  # no prefix reuse between runs: every run prefills the whole prompt
+        t0 = time.perf_counter()
+        times = []
+        for token in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0):
+            times.append(time.perf_counter())
+            if len(times) == new_tokens:
+                break
+        return {
+            "prefill_tok_s": len(prompt) / (times[0] - t0),
+            "ttft_s": times[0] - t0,
+            "decode_tok_s": (len(times) - 1) / (times[-1] - times[0]),
+            "answer_s": times[-1] - t0,
+            "prompt_tokens": len(prompt),
+            "generated_tokens": len(times),
+        }
+
+    return run, {"pipeline": "llama_cpp.Llama.generate, text-only prompt", "load_s": load_s}
+
+
+def _token_times(tokens: Any) -> list[float]:
+    return [time.perf_counter() for _ in tokens]
+
+
+def _sync(now: float) -> float:
+    """A timestamp after the GPU's queued work is done (the same timestamp on CPU)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        return time.perf_counter()
+    return now
+
+
+# --- results ---------------------------------------------------------------------------------------------------------
+
+def ratios(pipelines: dict[str, dict[str, Any]], ours: str) -> dict[str, dict[str, Any]]:
+    """The issue's targets as measured ratios (present when the compared pipelines ran)."""
+    mine = pipelines[ours]
+    found: dict[str, dict[str, Any]] = {
+        "second-question TTFT / first": {"value": mine["second_ttft_s"] / mine["ttft_s"], "target": "<= 0.25",
+                                          "met": mine["second_ttft_s"] / mine["ttft_s"] <= 0.25},
+        "peak RSS (GB)": {"value": mine["peak_rss_mb"] / 1024, "target": "<= 2.5", "met": mine["peak_rss_mb"] / 1024 <= 2.5},
+    }
+    if "vision_torch_ms" in mine:
+        speedup = mine["vision_torch_ms"] / mine["vision_ms"]
+        found["vision speed-up vs torch eager"] = {"value": speedup, "target": ">= 1.3", "met": speedup >= 1.3}
+    for name, other in pipelines.items():
+        if name.startswith("reference"):
+            speedup = other["answer_s"] / mine["answer_s"]
+            found["image -> answer speed-up vs reference"] = {"value": speedup, "target": ">= 3", "met": speedup >= 3}
+        elif name.startswith("llama-cpp-python plain"):
+            share = mine["decode_tok_s"] / other["decode_tok_s"]
+            found["decode tok/s vs llama-cpp-python plain"] = {"value": share, "target": ">= 0.95", "met": share >= 0.95}
+    return found
+
+
+ROWS = (
+    ("load_s", "load (s)", "{:.1f}"),
+    ("preprocess_ms", "preprocessing (ms)", "{:.1f}"),
+    ("vision_ms", "vision + projector (ms)", "{:.0f}"),
+    ("vision_torch_ms", "vision + projector, torch eager (ms)", "{:.0f}"),
+    ("prompt_tokens", "prompt tokens", "{:.0f}"),
+    ("prefill_tok_s", "prefill (tok/s)", "{:.1f}"),
+    ("ttft_s", "time to first token (s)", "{:.2f}"),
+    ("decode_tok_s", "decode (tok/s)", "{:.2f}"),
+    ("generated_tokens", "generated tokens", "{:.0f}"),
+    ("answer_s", "image -> answer (s)", "{:.2f}"),
+    ("second_ttft_s", "2nd question TTFT, same frame (s)", "{:.3f}"),
+    ("peak_rss_mb", "peak RSS (MB)", "{:.0f}"),
+    ("peak_gpu_mb", "peak GPU memory (MB)", "{:.0f}"),
+)
+
+
+def markdown(result: BenchResult) -> str:
+    options = result.options
+    names = list(result.pipelines)
+    lines = [
+        f"MobileVLM bench: {options.model or options.size + ' (random weights)'}, {options.new_tokens} new tokens, "
+        f"median of {options.repeats}, {result.machine['cpu']} ({result.machine['cpus']} CPUs)",
+        "",
+        "| metric | " + " | ".join(names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
+    for key, label, fmt in ROWS:
+        if any(key in result.pipelines[name] for name in names):
+            cells = [fmt.format(result.pipelines[name][key]) if key in result.pipelines[name] else "-" for name in names]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if result.gguf:
+        gguf = result.gguf
+        lines += ["", f"GGUF: {Path(gguf['path']).name}, {gguf['size_mb']:.0f} MB, "
+                      f"{'built now' if gguf['built_now'] else 'cached'} (build {gguf['build_s']:.1f} s), tensors {gguf['tensor_types']}"]
+    lines += ["", "| ratio | measured | target | met |", "|---|---:|---|---|"]
+    for name, ratio in result.ratios.items():
+        lines.append(f"| {name} | {ratio['value']:.3f} | {ratio['target']} | {'yes' if ratio['met'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+def to_json(result: BenchResult) -> str:
+    return json.dumps(asdict(result), indent=2) + "\n"

@@ -1,0 +1,194 @@
+"""The artifact cache: built files (GGUF models, engines) under an engines directory, each with a JSON manifest saying
+what it was built from and for. A file is reused only when every manifest field still matches and its bytes verify.
+
+Layout: `<engines>/<component>-<precision>-<model hash[:16]>.<suffix>`, the manifest beside it as `<file>.json`, and
+`<file>.lock`, which serialises builds across processes. A build writes a temporary file and renames it into place,
+so a reader never sees a half-written artifact and two processes building at once produce one valid file.
+
+The model hash fingerprints the checkpoint by its files' names, sizes and modification times, not their content:
+hashing gigabytes of weights on every start would cost seconds, and replacing or touching a weight file (a new
+fine-tune written over the old one) still changes it. The artifact itself is verified by size and sha256 on every use.
+"""
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from mobilevlm_ros.errors import ArtifactError
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_VERSION = 1
+# The files of a checkpoint directory that decide what gets built from it (weights, config, tokenizer).
+FINGERPRINT_PATTERNS = ("config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "*.safetensors", "*.bin", "*.index.json")
+# `mobilevlm_ros/engines` next to the Python package in a source checkout (it is committed, empty).
+PACKAGE_ENGINES_DIR = Path(__file__).resolve().parents[2] / "engines"
+
+
+@dataclass(frozen=True)
+class ArtifactKey:
+    """Everything an artifact depends on. A manifest that differs in any field describes a stale artifact."""
+
+    model_hash: str
+    component: str  # what part of the model: "llm", "vision"
+    precision: str  # format and precision: "gguf-q4_k_s", "trt-fp16"
+    runtime: str  # what builds and runs it: "llama-cpp-python", "tensorrt"
+    runtime_version: str
+    device: str  # "any" for a portable file; else what it was built for, e.g. "cuda:NVIDIA Orin sm_87"
+    suffix: str  # file extension: "gguf", "engine"
+    extra: Mapping[str, Any] = field(default_factory=dict)  # anything else that must match, e.g. input shapes (JSON values)
+
+    @property
+    def filename(self) -> str:
+        return f"{self.component}-{self.precision}-{self.model_hash[:16]}.{self.suffix}"
+
+    def fields(self) -> dict[str, Any]:
+        """The compared fields as they appear in a manifest (JSON-normalised: tuples become lists)."""
+        return json.loads(json.dumps(asdict(self) | {"extra": dict(self.extra)}))
+
+
+@dataclass(frozen=True)
+class Artifact:
+    path: Path
+    manifest: dict[str, Any]
+    built: bool  # built by this call (a cache miss)
+
+
+def default_engines_dir() -> Path:
+    """`<package>/engines` in a source checkout; `~/.cache/mobilevlm_ros/engines` for an installed package."""
+    return PACKAGE_ENGINES_DIR if PACKAGE_ENGINES_DIR.is_dir() else Path.home() / ".cache" / "mobilevlm_ros" / "engines"
+
+
+def model_fingerprint(model_dir: str | Path) -> str:
+    """sha256 over the names, sizes and modification times of the checkpoint's model files (see the module docstring)."""
+    model_dir = Path(model_dir)
+    files = sorted({path for pattern in FINGERPRINT_PATTERNS for path in model_dir.glob(pattern) if path.is_file()})
+    if not files:
+        raise ArtifactError(f"{model_dir}: no model files to build from")
+    digest = hashlib.sha256()
+    for path in files:
+        stat = path.stat()
+        digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def get_or_build(
+    key: ArtifactKey,
+    build_fn: Callable[[Path], Mapping[str, Any] | None],
+    engines_dir: str | Path | None = None,
+    build: bool = True,
+) -> Artifact:
+    """The artifact for `key`: the cached file when its manifest matches and it verifies, else `build_fn(path)` writes
+    a new one (its returned mapping is recorded under the manifest's "details"). With `build=False` a miss raises
+    ArtifactError naming what is wrong, for deployments that must never spend minutes building at startup."""
+    directory = Path(engines_dir) if engines_dir is not None else default_engines_dir()
+    path = directory / key.filename
+    manifest, problem = inspect(path, key)
+    if problem is None:
+        logger.debug("artifact cache hit: %s", path)
+        return Artifact(path, manifest, built=False)
+    if not build:
+        raise ArtifactError(f"{path}: {problem}, and building is disabled (build it first, e.g. with `mobilevlm build`)")
+    directory.mkdir(parents=True, exist_ok=True)
+    with _build_lock(path):
+        manifest, problem = inspect(path, key)  # another process may have built it while this one waited
+        if problem is None:
+            logger.info("artifact %s was built by another process", path)
+            return Artifact(path, manifest, built=False)
+        logger.info("building %s: %s", path, problem)
+        return Artifact(path, _build(path, key, build_fn), built=True)
+
+
+def inspect(path: Path, key: ArtifactKey) -> tuple[dict[str, Any], str | None]:
+    """The manifest beside `path` and why the artifact cannot be used for `key` (None when it can)."""
+    manifest_path = _manifest_path(path)
+    if not manifest_path.is_file():
+        return {}, "not built yet"
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if not isinstance(manifest, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as error:
+        return {}, f"its manifest is unreadable ({error})"
+    if manifest.get("manifest_version") != MANIFEST_VERSION:
+        return manifest, f"manifest version {manifest.get('manifest_version')!r}, expected {MANIFEST_VERSION}"
+    differing = [f"{name} {manifest.get(name)!r} (need {value!r})" for name, value in key.fields().items() if manifest.get(name) != value]
+    if differing:
+        return manifest, "built for different inputs: " + ", ".join(differing)
+    if not path.is_file():
+        return manifest, "the file is missing"
+    size = path.stat().st_size
+    if size != manifest.get("size"):
+        return manifest, f"the file is {size} bytes, its manifest says {manifest.get('size')} (truncated or overwritten)"
+    if file_sha256(path) != manifest.get("sha256"):
+        return manifest, "the file's sha256 differs from its manifest (corrupt)"
+    return manifest, None
+
+
+def _build(path: Path, key: ArtifactKey, build_fn: Callable[[Path], Mapping[str, Any] | None]) -> dict[str, Any]:
+    """Build into a temporary file (under the lock), verify it, rename it into place, then write the manifest."""
+    # Without a manifest, readers that do not take the lock see "not built" rather than a stale match.
+    _manifest_path(path).unlink(missing_ok=True)
+    for leftover in path.parent.glob(f".{path.name}.*.tmp"):  # from a build that died; we hold the lock
+        leftover.unlink()
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    built_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    started = time.perf_counter()
+    try:
+        details = dict(build_fn(temporary) or {})
+        if not temporary.is_file():
+            raise ArtifactError(f"building {path} produced no file")
+        manifest = {
+            "manifest_version": MANIFEST_VERSION,
+            **key.fields(),
+            "file": path.name,
+            "size": temporary.stat().st_size,
+            "sha256": file_sha256(temporary),
+            "built_at": built_at,
+            "build_seconds": round(time.perf_counter() - started, 3),
+            "details": details,
+        }
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    _write_json_atomically(_manifest_path(path), manifest)
+    logger.info("built %s (%.1f MB) in %.1f s", path, manifest["size"] / 1e6, manifest["build_seconds"])
+    return manifest
+
+
+def _manifest_path(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def _write_json_atomically(path: Path, content: dict[str, Any]) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+
+
+@contextmanager
+def _build_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock per artifact, held while building; released by the OS if the process dies."""
+    with open(path.with_name(path.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
