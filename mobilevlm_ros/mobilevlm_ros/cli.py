@@ -1,13 +1,17 @@
-"""`mobilevlm`: the library from a shell. Subcommands grow with the project; `ask` answers one question."""
+"""`mobilevlm`: the library from a shell. `ask` answers one question, `build` prepares artifacts (GGUF), `bench` times
+the pipeline against the plain baselines."""
 
 import argparse
 import logging
 import sys
 from collections.abc import Sequence
 
-from mobilevlm_ros.errors import MobileVLMError
+from mobilevlm_ros.errors import ConfigError, MobileVLMError, PromptError
 
 logger = logging.getLogger("mobilevlm")
+
+# The GGUF types of export.gguf (not imported here: that loads llama.cpp, which `--help` should not wait for).
+QUANTS = ("q4_k_s", "q4_k_m", "q8_0", "f16", "f32")
 
 
 def _ask(args: argparse.Namespace) -> int:
@@ -17,10 +21,89 @@ def _ask(args: argparse.Namespace) -> int:
 
     build_prompt(args.question)  # an empty question fails before the model loads
     image = load_image_file(args.image)
-    vlm = MobileVLM.from_pretrained(args.model, device=args.device)
+    vlm = MobileVLM.from_pretrained(args.model, device=args.device, language=args.language, quant=args.quant,
+                                    engines_dir=args.engines_dir, vision=args.vision, vision_precision=args.precision)
     answer = vlm.ask(image, args.question, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
     sys.stdout.write(answer + "\n")
     return 0
+
+
+def _build(args: argparse.Namespace) -> int:
+    if not (args.llm or args.vision):
+        raise PromptError("nothing to build: give --llm gguf and/or --vision onnx|tensorrt")
+    artifacts = []
+    if args.llm:
+        from mobilevlm_ros.export.gguf import llm_gguf_artifact
+
+        artifacts += [llm_gguf_artifact(args.model, quant, args.engines_dir) for quant in args.quant]
+    if args.vision:
+        from pathlib import Path
+
+        from mobilevlm_ros.model.checkpoint import load_checkpoint
+        from mobilevlm_ros.runtime.vlm import default_device
+
+        engines = Path(args.engines_dir) if args.engines_dir else None
+        if args.vision == "onnx":
+            from mobilevlm_ros.export.onnx import onnx_artifact
+
+            model = load_checkpoint(args.model, with_language_model=False).model
+            artifacts.append(onnx_artifact(model, Path(args.model), engines, build=True))
+        else:
+            from mobilevlm_ros.export.tensorrt import engine_artifact
+            from mobilevlm_ros.runtime.tensorrt import tensorrt_unavailable_reason
+
+            if reason := tensorrt_unavailable_reason():
+                raise ConfigError(f"cannot build a TensorRT engine here: {reason}")
+            model = load_checkpoint(args.model, device=default_device(), with_language_model=False).model
+            artifacts.append(engine_artifact(model, Path(args.model), args.precision, engines, build=True,
+                                             max_batch=args.max_batch, workspace_bytes=args.workspace_mb << 20))
+    rows = []
+    for artifact in artifacts:
+        manifest = artifact.manifest
+        details = manifest.get("details", {})
+        detail = ", ".join(f"{k} {v}" for k, v in details.get("tensor_types", {}).items()) or ", ".join(f"{k} {v}" for k, v in details.items())
+        rows.append((str(artifact.path), f"{manifest['size'] / 1e6:.1f} MB", f"{manifest['build_seconds']:.1f} s",
+                     "built" if artifact.built else "cached", detail))
+    header = ("artifact", "size", "build time", "status", "details")
+    sys.stdout.write(_table(header, rows))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mobilevlm_ros.bench import BenchOptions, markdown, run_bench, to_json
+
+    options = BenchOptions(
+        size=args.size, model=args.model, language=args.language, quant=args.quant, vs=tuple(args.vs), new_tokens=args.new_tokens,
+        repeats=args.repeats, device=args.device, vision=args.vision, vision_dtype=args.vision_dtype, engines_dir=args.engines_dir,
+        **({"work_dir": args.work_dir} if args.work_dir else {}),
+    )
+    if options.new_tokens < 2 or options.repeats < 1:
+        raise PromptError("--new-tokens must be at least 2 (decode speed needs two tokens) and --repeats at least 1")
+    result = run_bench(options)
+    table = markdown(result)
+    sys.stdout.write(table)
+    if args.markdown:
+        Path(args.markdown).write_text(table, encoding="utf-8")
+    if args.json:
+        Path(args.json).write_text(to_json(result), encoding="utf-8")
+    return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from mobilevlm_ros.doctor import checks
+
+    results = checks()
+    sys.stdout.write(_table(("component", "usable", "detail"), [(c.component, "yes" if c.usable else "no", c.detail) for c in results]))
+    return 0
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +119,46 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     ask.add_argument("--seed", type=int, default=None, help="sampling seed")
     ask.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    ask.add_argument("--language", default="torch", choices=["torch", "llamacpp"], help="language backend (default torch)")
+    ask.add_argument("--quant", default="q4_k_s", choices=QUANTS, help="GGUF type for --language llamacpp (default q4_k_s)")
+    ask.add_argument("--vision", default="torch", choices=["torch", "onnxruntime", "tensorrt"], help="vision backend (default torch)")
+    ask.add_argument("--precision", default="fp16", choices=["fp16", "fp32", "int8"], help="TensorRT engine precision (default fp16)")
+    ask.add_argument("--engines-dir", default=None, help="artifact cache (default: the package's engines/)")
     ask.set_defaults(run=_ask)
+
+    build = commands.add_parser("build", help="build artifacts (LLM as GGUF, vision as ONNX / TensorRT engine) into the engines directory")
+    build.add_argument("--model", required=True, help="MobileVLM checkpoint directory")
+    build.add_argument("--llm", choices=["gguf"], help="what to build for the language model")
+    build.add_argument("--vision", choices=["onnx", "tensorrt"], help="what to build for the vision tower + projector")
+    build.add_argument("--precision", default="fp16", choices=["fp16", "fp32", "int8"], help="TensorRT precision (default fp16)")
+    build.add_argument("--max-batch", type=int, default=8, help="TensorRT profile: largest batch of tiles (default 8)")
+    build.add_argument("--workspace-mb", type=int, default=1024, help="TensorRT builder workspace limit (default 1024 MB, fits an 8 GB Orin Nano)")
+    build.add_argument("--quant", nargs="+", default=["q4_k_s"], choices=QUANTS, help="GGUF type(s) (default q4_k_s)")
+    build.add_argument("--engines-dir", default=None, help="artifact cache (default: the package's engines/)")
+    build.set_defaults(run=_build)
+
+    bench = commands.add_parser("bench", help="time image -> answer against the plain baselines; prints a Markdown table")
+    source = bench.add_mutually_exclusive_group()
+    source.add_argument("--size", default="1.7b", choices=["1.7b", "3b", "tiny"], help="random-weight model of this architecture (default 1.7b)")
+    source.add_argument("--model", default=None, help="a checkpoint directory instead of a random model")
+    bench.add_argument("--language", default="llamacpp", choices=["torch", "llamacpp"], help="our language backend (default llamacpp)")
+    bench.add_argument("--quant", default="q4_k_s", choices=QUANTS, help="GGUF type (default q4_k_s)")
+    bench.add_argument("--vision", default="torch", choices=["torch", "onnxruntime", "tensorrt"],
+                       help="our vision backend; other than torch, torch eager is timed beside it (default torch)")
+    bench.add_argument("--vs", action="append", default=[], choices=["reference", "llamacpp-plain"], help="baseline to time too (repeatable)")
+    bench.add_argument("--new-tokens", type=int, default=64, help="tokens per answer, EOS suppressed (default 64)")
+    bench.add_argument("--repeats", type=int, default=3, help="timed runs per pipeline after a warm-up; medians reported (default 3)")
+    bench.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    bench.add_argument("--vision-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                       help="dtype of our vision tower and projector (with --language torch: of the whole model)")
+    bench.add_argument("--work-dir", default=None, help="where random checkpoints are written and reused (default ~/.cache/mobilevlm_ros/bench)")
+    bench.add_argument("--engines-dir", default=None, help="artifact cache (default: <work-dir>/engines, or the package's for --model)")
+    bench.add_argument("--json", default=None, help="also write the results as JSON to this file")
+    bench.add_argument("--markdown", default=None, help="also write the Markdown table to this file")
+    bench.set_defaults(run=_bench)
+
+    doctor = commands.add_parser("doctor", help="which backends can run here, and why not")
+    doctor.set_defaults(run=_doctor)
     return parser
 
 

@@ -61,3 +61,34 @@ def test_bad_input_exits_nonzero_with_a_one_line_reason(copy_checkpoint, image_f
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("mobilevlm ask: error: ")
     assert re.search(reason, lines[0])
+
+
+def test_doctor_lists_every_backend():
+    result = run("doctor")
+    assert result.returncode == 0, result.stderr
+    for component in ("torch", "onnxruntime (vision)", "tensorrt (vision)", "llamacpp (language)", "ROS 2 node"):
+        assert f"| {component}" in result.stdout
+
+
+def test_build_the_vision_graph_then_ask_with_onnxruntime(make_checkpoint, image_file, camera_image, tmp_path):
+    checkpoint = make_checkpoint()
+    built = run("build", "--model", str(checkpoint), "--vision", "onnx", "--engines-dir", str(tmp_path))
+    assert built.returncode == 0, built.stderr
+    assert "vision-onnx-opset17-" in built.stdout and "| built |" in built.stdout
+    again = run("build", "--model", str(checkpoint), "--vision", "onnx", "--engines-dir", str(tmp_path))
+    assert "| cached |" in again.stdout
+    answer = run("ask", "--model", str(checkpoint), "--image", str(image_file), "--max-new-tokens", "5",
+                 "--vision", "onnxruntime", "--engines-dir", str(tmp_path), "What is here?")
+    assert answer.returncode == 0, answer.stderr
+    expected = MobileVLM.from_pretrained(checkpoint, device="cpu").ask(camera_image, "What is here?", max_new_tokens=5)
+    assert answer.stdout == expected + "\n"
+
+
+def test_tensorrt_build_explains_why_it_cannot_run(make_checkpoint, tmp_path):
+    from mobilevlm_ros.runtime.tensorrt import tensorrt_unavailable_reason
+
+    if tensorrt_unavailable_reason() is None:
+        pytest.skip("TensorRT can run here; the engine itself is tested in test_onnx.py")
+    result = run("build", "--model", str(make_checkpoint()), "--vision", "tensorrt", "--engines-dir", str(tmp_path))
+    assert result.returncode == 1
+    assert "cannot build a TensorRT engine here: " in result.stderr

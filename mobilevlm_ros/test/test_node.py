@@ -459,3 +459,17 @@ def test_console_script_serves_then_exits_cleanly_on_a_signal(ros_context, check
             process.kill()
         client.node.destroy_node()
         log.close()
+
+
+def test_onnxruntime_vision_backend_gives_the_torch_answer(ros_context, checkpoint, vlm, tmp_path):
+    h = Harness(ros_context, node_parameters(checkpoint, vision_backend="onnxruntime", engines_dir=str(tmp_path)), "onnx")
+    try:
+        assert h.node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+        assert h.node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+        assert h.node.vlm.vision.name == "onnxruntime" and list(tmp_path.glob("vision-onnx-*.onnx"))
+        h.publish_frame(encode(FRAME, "rgb8", stamp(1500)))
+        response = h.call(h.vqa, VisualQuery.Request(question="What colour?"))
+        assert response.success, response.error
+        assert response.answer == vlm.ask(FRAME, "What colour?", max_new_tokens=6)
+    finally:
+        h.close()

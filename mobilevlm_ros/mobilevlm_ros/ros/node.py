@@ -137,12 +137,14 @@ class MobileVLMNode(LifecycleNode):
 
     def _load_model(self) -> MobileVLM:
         p = self.params
-        self.get_logger().info(f"loading {p['model_path']} ({p['language_backend']} language backend)")
+        self.get_logger().info(f"loading {p['model_path']} (vision {p['vision_backend']}, language {p['language_backend']})")
         return MobileVLM.from_pretrained(
             Path(p["model_path"]),
             device=None if p["device"] == "auto" else p["device"],
             language=p["language_backend"],
             quant=p["quant"],
+            vision=p["vision_backend"],
+            vision_precision=p["vision_precision"],
             engines_dir=p["engines_dir"] or None,
         )
 
@@ -334,7 +336,8 @@ class MobileVLMNode(LifecycleNode):
             status.level, status.message = DiagnosticStatus.OK, "serving"
         if self.vlm is not None:
             values |= {"model": self.params["model_path"], "projector": self.vlm.config.mm_projector_type,
-                       "language backend": self.vlm.language.name, "device": str(self.vlm.device)}
+                       "vision backend": self.vlm.vision.name, "language backend": self.vlm.language.name,
+                       "device": str(self.vlm.device)}
         if self.worker is not None:
             values |= {"queue depth": str(self.worker.depth), "max queue": str(self.worker.max_queue), "busy": str(self.worker.busy)}
         if self.frames is not None:

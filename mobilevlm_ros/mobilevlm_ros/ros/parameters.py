@@ -35,6 +35,9 @@ class Spec:
 
 SPECS = (
     Spec("model_path", "", "MobileVLM checkpoint directory (config.json, weights, tokenizer). Required."),
+    Spec("vision_backend", "torch", "Vision tower + projector runtime (onnxruntime and tensorrt build their artifact on first use).",
+         choices=("torch", "onnxruntime", "tensorrt")),
+    Spec("vision_precision", "fp16", "TensorRT engine precision.", choices=("fp16", "fp32")),
     Spec("language_backend", "torch", "Language model runtime.", choices=("torch", "llamacpp")),
     Spec("quant", "q4_k_s", "GGUF quantization for the llamacpp backend.", choices=("q4_k_s", "q4_k_m", "q8_0", "f16", "f32")),
     Spec("device", "auto", "Where torch runs: auto (CUDA when present), cpu, cuda or cuda:N."),

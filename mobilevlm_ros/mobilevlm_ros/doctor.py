@@ -1,0 +1,67 @@
+"""`mobilevlm doctor`: which backends can run here, and why not when they cannot."""
+
+import importlib
+import importlib.metadata
+import os
+import platform
+from dataclasses import dataclass
+
+import torch
+
+from mobilevlm_ros.runtime.tensorrt import tensorrt_unavailable_reason
+
+
+@dataclass(frozen=True)
+class Check:
+    component: str
+    usable: bool
+    detail: str
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown version"
+
+
+def _importable(module: str) -> str | None:
+    """None when `module` imports, else the reason it does not."""
+    try:
+        importlib.import_module(module)
+    except Exception as error:  # a broken native library raises more than ImportError
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def checks() -> list[Check]:
+    """Every backend and runtime the library can use, probed without loading a model."""
+    cuda = torch.cuda.is_available()
+    gpu = f"{torch.cuda.get_device_name(0)} (sm_{''.join(map(str, torch.cuda.get_device_capability(0)))})" if cuda else "no CUDA GPU"
+    results = [
+        Check("python", True, f"{platform.python_version()} on {platform.machine()}"),
+        Check("torch (vision, language)", True, f"{torch.__version__}; {gpu}"),
+    ]
+
+    if problem := _importable("onnxruntime"):
+        results.append(Check("onnxruntime (vision)", False, problem))
+    else:
+        import onnxruntime
+
+        results.append(Check("onnxruntime (vision)", True, f"{onnxruntime.__version__}; providers {', '.join(onnxruntime.get_available_providers())}"))
+
+    reason = tensorrt_unavailable_reason()
+    results.append(Check("tensorrt (vision)", reason is None, reason or f"{_version('tensorrt')}; {gpu}"))
+
+    if problem := _importable("llama_cpp"):
+        results.append(Check("llamacpp (language)", False, problem))
+    else:
+        import llama_cpp
+
+        offload = "GPU offload" if llama_cpp.llama_supports_gpu_offload() else "CPU only"
+        results.append(Check("llamacpp (language)", True, f"llama-cpp-python {llama_cpp.__version__}; {offload}"))
+
+    ros = _importable("rclpy") or _importable("mobilevlm_interfaces.srv")
+    distro = os.environ.get("ROS_DISTRO", "ROS 2 from PyPI wheels")
+    results.append(Check("ROS 2 node", ros is None, ros or f"rclpy {_version('ros-rclpy')} ({distro}); mobilevlm_interfaces built"))
+    return results

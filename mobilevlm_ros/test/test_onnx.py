@@ -1,0 +1,129 @@
+"""ONNX export of the vision path and the ONNX Runtime / TensorRT backends against torch."""
+
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from transformers import CLIPVisionConfig
+
+from mobilevlm_ros.export import onnx as onnx_export
+from mobilevlm_ros.export.onnx import export_onnx
+from mobilevlm_ros.model.checkpoint import load_checkpoint
+from mobilevlm_ros.model.config import parse_config
+from mobilevlm_ros.model.mobilevlm import MobileLlamaForCausalLM
+from mobilevlm_ros.runtime.tensorrt import tensorrt_unavailable_reason
+from mobilevlm_ros.runtime.vision import OnnxRuntimeVision, TorchVision
+from tiny_checkpoint import official_config
+
+CPU = torch.device("cpu")
+
+
+def pixels(batch: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 3, 336, 336, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("projector", ["ldpnetv2", "ldpnet", "mlp2x_gelu"])
+def test_vision_graph_equals_torch(make_checkpoint, tmp_path, projector):
+    model = load_checkpoint(make_checkpoint(projector_type=projector, dtype=torch.float32)).model
+    details = export_onnx(model, tmp_path / "vision.onnx")
+    assert details == {"part": "vision", "input": "pixel_values", "output": "image_embeds", "opset": 17}
+    backend = OnnxRuntimeVision(tmp_path / "vision.onnx", CPU)
+    for batch in (1, 3):  # the batch dimension is dynamic (tiles)
+        x = pixels(batch, seed=batch)
+        expected = TorchVision(model)(x)
+        assert (backend(x) - expected).abs().max().item() <= 1e-4
+
+
+def test_graph_stops_at_the_selected_layer_and_keeps_layer_norm_whole(make_checkpoint, tmp_path):
+    model = load_checkpoint(make_checkpoint(dtype=torch.float32)).model
+    export_onnx(model, tmp_path / "vision.onnx")
+    graph = onnx.load(str(tmp_path / "vision.onnx")).graph
+    names = " ".join(node.name for node in graph.node)
+    assert "layers.1/" in names and "layers.2/" not in names  # 3 layers, select -2: layers 0 and 1 only
+    assert "post_layernorm" not in names
+    assert any(node.op_type == "LayerNormalization" for node in graph.node)
+
+
+def test_split_graphs_chain_to_the_single_graph(make_checkpoint, tmp_path):
+    model = load_checkpoint(make_checkpoint(projector_type="ldpnet", dtype=torch.float32)).model
+    export_onnx(model, tmp_path / "vit.onnx", "vit")
+    export_onnx(model, tmp_path / "projector.onnx", "projector")
+    vit = OnnxRuntimeVision(tmp_path / "vit.onnx", CPU, "pixel_values", "image_features")
+    projector = OnnxRuntimeVision(tmp_path / "projector.onnx", CPU, "image_features", "image_embeds")
+    x = pixels(2)
+    features = vit(x)
+    assert features.shape == (2, 576, 32)
+    assert (projector(features) - TorchVision(model)(x)).abs().max().item() <= 1e-4
+
+
+def test_large_graphs_keep_weights_in_one_external_file(make_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setattr(onnx_export, "PROTOBUF_LIMIT", 10_000)  # pretend the tiny graph is past 2 GB
+    model = load_checkpoint(make_checkpoint(dtype=torch.float32)).model
+    details = export_onnx(model, tmp_path / "vision.onnx")
+    assert details["external_data"] == "vision.onnx.data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vision.onnx", "vision.onnx.data"]
+    assert (tmp_path / "vision.onnx").stat().st_size < 100_000
+    x = pixels(1)
+    assert (OnnxRuntimeVision(tmp_path / "vision.onnx", CPU)(x) - TorchVision(model)(x)).abs().max().item() <= 1e-4
+
+
+def test_unreadable_graph_is_a_clear_error(tmp_path):
+    from mobilevlm_ros.errors import BackendError
+
+    (tmp_path / "vision.onnx").write_bytes(b"garbage")
+    with pytest.raises(BackendError, match="vision.onnx: ONNX Runtime cannot load the vision graph"):
+        OnnxRuntimeVision(tmp_path / "vision.onnx", CPU)
+
+
+def real_size_vision_model() -> MobileLlamaForCausalLM:
+    """CLIP ViT-L/14-336 + LDPv2 at MobileVLM 1.7B width (2048) with random weights; a one-layer LLM keeps it light."""
+    fields = official_config("ldpnetv2", 256, "openai/clip-vit-large-patch14-336") | {
+        "hidden_size": 2048, "intermediate_size": 256, "num_hidden_layers": 1, "num_attention_heads": 16,
+        "num_key_value_heads": 16, "mm_hidden_size": 1024,
+    }
+    config = parse_config(fields, Path("real-size/config.json"))
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14, hidden_act="quick_gelu", projection_dim=768)
+    torch.manual_seed(0)
+    return MobileLlamaForCausalLM(config, vision).eval()
+
+
+@pytest.mark.slow
+def test_real_size_vision_graph_matches_torch(tmp_path):
+    model = real_size_vision_model()
+    export_onnx(model, tmp_path / "vision.onnx")
+    x = pixels(1)
+    ours = OnnxRuntimeVision(tmp_path / "vision.onnx", CPU)(x).flatten()
+    expected = TorchVision(model)(x).flatten()
+    assert ours.shape == (144 * 2048,)
+    assert torch.nn.functional.cosine_similarity(ours, expected, dim=0).item() >= 0.999
+
+
+TRT_REASON = tensorrt_unavailable_reason()
+
+
+@pytest.mark.skipif(TRT_REASON is not None, reason=f"TensorRT tests need TensorRT and a CUDA GPU: {TRT_REASON}")
+@pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-3), ("fp16", 0.999)])
+def test_tensorrt_engine_matches_torch(make_checkpoint, tmp_path, precision, tolerance):
+    from mobilevlm_ros.export.tensorrt import build_engine, onnx_opset_for_tensorrt
+    from mobilevlm_ros.runtime.tensorrt import TensorRTVision
+
+    model = load_checkpoint(make_checkpoint(dtype=torch.float32)).model
+    export_onnx(model, tmp_path / "vision.onnx", opset=onnx_opset_for_tensorrt())
+    build_engine(tmp_path / "vision.onnx", tmp_path / "vision.engine", precision, 336, max_batch=4,
+                 timing_cache_path=tmp_path / "timing.cache")
+    engine = TensorRTVision(tmp_path / "vision.engine", torch.device("cuda"))
+    x = pixels(2)
+    ours = engine(x).float().cpu()
+    expected = TorchVision(model)(x)
+    if precision == "fp32":
+        assert (ours - expected).abs().max().item() <= tolerance
+    else:
+        assert torch.nn.functional.cosine_similarity(ours.flatten(), expected.flatten(), dim=0).item() >= tolerance
+    assert (tmp_path / "timing.cache").stat().st_size > 0
+
+
+def test_tensorrt_availability_is_explained():
+    reason = tensorrt_unavailable_reason()
+    assert reason is None or "tensorrt" in reason or "CUDA" in reason
