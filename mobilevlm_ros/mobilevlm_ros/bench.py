@@ -303,6 +303,24 @@ def bench_frame() -> np.ndarray:
     return image
 
 
+def answer_metrics(
+    t0: float, t1: float, t2: float, first: list[float], t3: float, second: list[float], prompt_tokens: int
+) -> dict[str, float]:
+    """One image -> answer run from its clock readings: start, preprocessed, encoded, the first answer's token times,
+    the second question's start and token times."""
+    return {
+        "preprocess_ms": (t1 - t0) * 1e3,
+        "vision_ms": (t2 - t1) * 1e3,
+        "prefill_tok_s": prompt_tokens / (first[0] - t2),
+        "ttft_s": first[0] - t0,
+        "decode_tok_s": (len(first) - 1) / (first[-1] - first[0]),
+        "answer_s": first[-1] - t0,
+        "second_ttft_s": second[0] - t3,
+        "prompt_tokens": prompt_tokens,
+        "generated_tokens": len(first),
+    }
+
+
 def setup_ours(model_dir: str, options: BenchOptions, engines_dir: str | None) -> tuple[Run, dict[str, Any]]:
     """Our pipeline: a session per frame; the first question pays for vision and the prefix, the second reuses them."""
     import torch
@@ -332,18 +350,8 @@ def setup_ours(model_dir: str, options: BenchOptions, engines_dir: str | None) -
         prompt_tokens = session.prompt_tokens
         t3 = time.perf_counter()
         second = _token_times(session.generate(SECOND_QUESTION, params))
-        return {
-            "preprocess_ms": (t1 - t0) * 1e3,
-            "vision_ms": (t2 - t1) * 1e3,
-            "prefill_tok_s": prompt_tokens / (first[0] - t2),
-            "ttft_s": first[0] - t0,
-            "decode_tok_s": (len(first) - 1) / (first[-1] - first[0]),
-            "answer_s": first[-1] - t0,
-            "second_ttft_s": second[0] - t3,
-            "prompt_tokens": prompt_tokens,
-            "generated_tokens": len(first),
-            **(torch_vision_ms(pixels) if vlm.vision.name != "torch" else {}),
-        }
+        timings = answer_metrics(t0, t1, t2, first, t3, second, prompt_tokens)
+        return timings | (torch_vision_ms(pixels) if vlm.vision.name != "torch" else {})
 
     def torch_vision_ms(pixels: "torch.Tensor") -> dict[str, float]:
         """The same vision step in torch eager, after the timed answer so it cannot slow it."""
@@ -400,17 +408,7 @@ def setup_reference(model_dir: str, options: BenchOptions) -> tuple[Run, dict[st
         first, prompt_tokens = generate(FIRST_QUESTION, embeds, new_tokens)
         t3 = time.perf_counter()
         second, _ = generate(SECOND_QUESTION, embeds, new_tokens)
-        return {
-            "preprocess_ms": (t1 - t0) * 1e3,
-            "vision_ms": (t2 - t1) * 1e3,
-            "prefill_tok_s": prompt_tokens / (first[0] - t2),
-            "ttft_s": first[0] - t0,
-            "decode_tok_s": (len(first) - 1) / (first[-1] - first[0]),
-            "answer_s": first[-1] - t0,
-            "second_ttft_s": second[0] - t3,
-            "prompt_tokens": prompt_tokens,
-            "generated_tokens": len(first),
-        }
+        return answer_metrics(t0, t1, t2, first, t3, second, prompt_tokens)
 
     return run, {"pipeline": f"transformers generate(inputs_embeds), {vlm.vision_dtype}", "load_s": load_s}
 
