@@ -75,7 +75,8 @@ class MobileVLM:
 
         `language="llamacpp"` runs the LLM from a GGUF (`quant`: q4_k_s, q4_k_m, q8_0, f16, f32) taken from the artifact
         cache in `engines_dir`, built there first when missing or stale (or an ArtifactError with `build=False`).
-        Then only the vision tower and projector are loaded into torch, in `dtype` on `device`.
+        Then only the vision tower and projector are loaded into torch, in `dtype` on `device`. Its sessions share one
+        KV buffer of the context length, at most 4 open at once (BackendError beyond; a dropped session frees its place).
         `vision="onnxruntime"` runs the exported vision graph, `vision="tensorrt"` an engine built for this GPU in
         `vision_precision`; both come from the same artifact cache. `int8` quantizes the torch LLM's weights.
         """
