@@ -9,7 +9,8 @@ from typing import Any
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.node import Node
 
-DEFAULT_ACTIONS = ["move_forward", "turn_left", "turn_right", "stop"]
+from mobilevlm_ros.runtime.navigation import NAVIGATION_ACTIONS, NAVIGATION_PROMPT
+
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,8 @@ SPECS = (
     Spec("max_new_tokens", 64, "Default answer length limit in tokens (a request's max_new_tokens overrides it).", int_range=(1, 2048)),
     Spec("temperature", 0.0, "Sampling temperature; 0 = greedy (deterministic).", float_range=(0.0, 2.0), dynamic=True),
     Spec("max_question_chars", 2000, "Longer questions are refused with an error.", int_range=(1, 1_000_000)),
-    Spec("navigation_actions", DEFAULT_ACTIONS, "Actions ~/navigate chooses from when a request names none."),
-    Spec("navigation_prompt", "{instruction}\nAnswer with one of: {actions}.",
+    Spec("navigation_actions", list(NAVIGATION_ACTIONS), "Actions ~/navigate chooses from when a request names none."),
+    Spec("navigation_prompt", NAVIGATION_PROMPT,
          "Question asked for ~/navigate; {instruction} and {actions} (comma-separated) are filled in."),
     Spec("max_queue", 8, "Requests waiting for the worker; beyond it a request fails at once with 'busy: queue full'.", int_range=(1, 1000)),
     Spec("request_timeout_s", 30.0, "A request not answered within this time fails with a timeout error.", float_range=(0.1, 3600.0), dynamic=True),

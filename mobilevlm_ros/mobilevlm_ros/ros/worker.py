@@ -15,6 +15,7 @@ from enum import IntEnum
 
 from mobilevlm_ros.errors import MobileVLMError
 from mobilevlm_ros.ros.frames import Frame
+from mobilevlm_ros.runtime.navigation import navigation_question
 from mobilevlm_ros.runtime.sampling import SamplingParams
 from mobilevlm_ros.runtime.session import Session
 from mobilevlm_ros.runtime.vlm import MobileVLM
@@ -132,7 +133,7 @@ class InferenceWorker:
             return Result(False, error="canceled")
         session = self._session_for(request)
         if request.actions:
-            choice = session.choose(self.navigation_prompt.format(instruction=request.text, actions=", ".join(request.actions)), request.actions)
+            choice = session.choose(navigation_question(request.text, request.actions, self.navigation_prompt), request.actions)
             return Result(True, action=choice.option, confidence=choice.confidence, scores=choice.scores, prompt_tokens=session.prompt_tokens)
         return self._generate(session, request, deadline)
 
