@@ -417,13 +417,13 @@ def setup_llamacpp_plain(model_dir: str, gguf_path: str, prompt_tokens: int) -> 
     """llama-cpp-python's high-level generation on the same GGUF, with a text prompt as long as ours."""
     from llama_cpp import Llama
 
-    from mobilevlm_ros.model.prompt import SYSTEM_PROMPT, load_tokenizer
+    from mobilevlm_ros.model.prompt import load_tokenizer, prefix_ids, question_ids
     from mobilevlm_ros.runtime.llamacpp import init_llama_cpp, physical_cores
 
     init_llama_cpp()  # its log goes to Python logging, as ours does
     tokenizer = load_tokenizer(model_dir)
-    text = [tokenizer.bos_id] + tokenizer.encode(f"{SYSTEM_PROMPT} USER: ")
-    question = tokenizer.encode(f"\n{FIRST_QUESTION} ASSISTANT:")
+    text = prefix_ids(tokenizer)
+    question = question_ids(tokenizer, FIRST_QUESTION)
     filler = (tokenizer.encode(" a photo of a room with a table and a chair") * prompt_tokens)[: prompt_tokens - len(text) - len(question)]
     prompt = text + filler + question  # where our prompt has the image embeddings, this has as many text tokens
     threads = physical_cores()  # as our backend

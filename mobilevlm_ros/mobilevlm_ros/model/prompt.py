@@ -119,6 +119,24 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
     raise ConfigError(f"{model_dir}: no tokenizer (expected tokenizer.model or tokenizer.json)")
 
 
+def prefix_ids(tokenizer: Tokenizer) -> list[int]:
+    """[BOS] + "{system} USER: ": the "v1" prompt before the image, the same for every question."""
+    return [tokenizer.bos_id] + tokenizer.encode(f"{SYSTEM_PROMPT} USER: ")
+
+
+def question_ids(tokenizer: Tokenizer, question: str, first: bool = True) -> list[int]:
+    """A question's turn: right after the image "\n{question} ASSISTANT:" (upstream's tokenization of the text after
+    `<image>`); a later turn of a conversation "USER: {question} ASSISTANT:" (it follows the previous answer's EOS)."""
+    if not question or not question.strip():
+        raise PromptError("question is empty")
+    return tokenizer.encode(f"\n{question} ASSISTANT:" if first else f"USER: {question} ASSISTANT:")
+
+
+def answer_ids(tokenizer: Tokenizer, answer: str) -> list[int]:
+    """An answer as the model produces it after "ASSISTANT:": its tokens, then EOS."""
+    return tokenizer.encode(answer) + [tokenizer.eos_id]
+
+
 def tokenize_with_image(prompt: str, tokenizer: Tokenizer) -> list[int]:
     """[BOS] + ids of each text chunk, with IMAGE_TOKEN_INDEX where `<image>` stood."""
     ids = [tokenizer.bos_id]

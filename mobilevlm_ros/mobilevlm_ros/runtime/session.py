@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from mobilevlm_ros.errors import PromptError
-from mobilevlm_ros.model.prompt import SYSTEM_PROMPT, Tokenizer
+from mobilevlm_ros.model.prompt import Tokenizer, answer_ids, prefix_ids, question_ids
 from mobilevlm_ros.runtime.language import LanguageBackend, check_room
 from mobilevlm_ros.runtime.sampling import Sampler, SamplingParams
 
@@ -40,18 +40,16 @@ class Session:
         self.keep_history = keep_history
         self.context_length = backend.context_length
         self.cache = backend.new_cache()
-        self.cache.append_tokens([tokenizer.bos_id] + tokenizer.encode(f"{SYSTEM_PROMPT} USER: "))
+        self.cache.append_tokens(prefix_ids(tokenizer))
         self.cache.append_embeds(image_embeds)
         self.prefix_length = self.cache.length
         self._unfed: list[int] = []  # history mode: the tail of the last answer not yet in the cache
         self.prompt_tokens = 0  # tokens the current (or last) turn is conditioned on
 
     def _question_ids(self, question: str) -> list[int]:
-        if not question or not question.strip():
-            raise PromptError("question is empty")
         if self.cache.length == self.prefix_length:
-            return self.tokenizer.encode(f"\n{question} ASSISTANT:")
-        return self._unfed + [self.tokenizer.eos_id] + self.tokenizer.encode(f"USER: {question} ASSISTANT:")
+            return question_ids(self.tokenizer, question)
+        return self._unfed + [self.tokenizer.eos_id] + question_ids(self.tokenizer, question, first=False)
 
     def _start_turn(self, question: str) -> tuple[list[int], torch.Tensor]:
         """Append the question (after the history, or right after the image) and return its ids and next-token logits."""
@@ -133,7 +131,7 @@ class Session:
         base = self.cache.length
         scores = {}
         for option in options:
-            ids = self.tokenizer.encode(option) + [self.tokenizer.eos_id]
+            ids = answer_ids(self.tokenizer, option)
             check_room(self.cache, len(ids), self.context_length)
             following = self.cache.append_tokens(ids, all_logits=True)
             step_logits = torch.cat([logits[None], following[:-1]])
