@@ -62,14 +62,21 @@ class ImageProcessor:
 
     def __call__(self, image: ImageInput, channel_order: ChannelOrder = "rgb") -> torch.Tensor:
         """One image -> pixel_values [3, crop_size, crop_size] float32."""
+        return self.normalize(np.asarray(self.square(image, channel_order)))
+
+    def square(self, image: ImageInput, channel_order: ChannelOrder = "rgb") -> Image.Image:
+        """The crop_size x crop_size RGB image the model sees, before normalization (padded, resized, cropped)."""
         pil = to_pil_rgb(image, channel_order)
         if self.pad_to_square:
             pil = expand_to_square(pil, self.pad_color)
         pil = resize_shortest_edge(pil, self.shortest_edge)
-        pil = center_crop(pil, self.crop_size)
-        pixels = np.asarray(pil, dtype=np.float32) * self.rescale_factor
-        pixels = (pixels - np.asarray(self.image_mean, dtype=np.float32)) / np.asarray(self.image_std, dtype=np.float32)
-        return torch.from_numpy(pixels.transpose(2, 0, 1).copy())
+        return center_crop(pil, self.crop_size)
+
+    def normalize(self, pixels: np.ndarray) -> torch.Tensor:
+        """uint8 [..., H, W, 3] -> float32 pixel_values [..., 3, H, W] (rescaled, mean and std applied)."""
+        values = pixels.astype(np.float32) * self.rescale_factor
+        values = (values - np.asarray(self.image_mean, dtype=np.float32)) / np.asarray(self.image_std, dtype=np.float32)
+        return torch.from_numpy(np.ascontiguousarray(np.moveaxis(values, -1, -3)))
 
 
 def to_pil_rgb(image: ImageInput, channel_order: ChannelOrder = "rgb") -> Image.Image:
