@@ -1,0 +1,310 @@
+"""`mobilevlm train`: MobileVLM's training recipe at tiny scale on the synthetic world, saved as an official checkpoint.
+
+MobileVLM trains in two stages on top of a pretrained CLIP and MobileLLaMA; a tiny model has neither, so two
+from-scratch pretraining steps come first:
+  0a. vision tower: every patch feature predicts the colour and the shape under it (dense labels from the world);
+  0b. language model: the same conversations as text, with the scene's caption where the image will go;
+  1.  projector only, tower and LLM frozen: image -> caption (MobileVLM's pretraining stage);
+  2.  projector + LLM, tower frozen: instruction tuning on every question kind and on navigation, loss on the answer
+      tokens only, in the "v1" template (MobileVLM's fine-tuning stage).
+The tower is frozen after 0a, so its features are computed once for the scene pool and reused by stages 1 and 2.
+Everything is seeded: the same seed on the same torch build gives the same checkpoint.
+"""
+
+import io
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import sentencepiece
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from safetensors.torch import save_file
+from torch import nn
+from transformers import CLIPVisionConfig
+
+from mobilevlm_ros.demo.recipe import Recipe
+from mobilevlm_ros.demo.world import (
+    CAPTION_QUESTION, COLOURS, QUESTION_KINDS, SHAPES, Sample, Scene, caption, draw_shape, navigation_answer, navigation_sample,
+    prompt_question, question, random_scene, render,
+)
+from mobilevlm_ros.model.config import parse_config
+from mobilevlm_ros.model.mobilevlm import MobileLlamaForCausalLM
+from mobilevlm_ros.model.preprocess import ImageProcessor, expand_to_square
+from mobilevlm_ros.model.prompt import SYSTEM_PROMPT, SentencePieceTokenizer, answer_ids, prefix_ids, question_ids
+from mobilevlm_ros.runtime.navigation import NAVIGATION_ACTIONS, NAVIGATION_PROMPT
+
+logger = logging.getLogger(__name__)
+
+TOWER_DIR = "clip-vit-demo"
+VISION = dict(
+    hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+    image_size=336, patch_size=28, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=128,
+)
+LANGUAGE = dict(
+    hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+    max_position_embeddings=2048, rms_norm_eps=1e-6, rope_theta=10000.0, hidden_act="silu",
+    bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+)
+IGNORE = -100  # label of tokens without loss
+
+
+# --- tokenizer and model ---------------------------------------------------------------------------------------------
+
+def corpus(rng: random.Random, sentences: int = 4000) -> Iterator[str]:
+    """Text of the world: the system prompt, captions, questions, answers and navigation prompts."""
+    yield SYSTEM_PROMPT + " USER: ASSISTANT:"
+    for _ in range(sentences):
+        scene, sample = navigation_sample(rng)
+        yield caption(scene)
+        yield f"USER: {prompt_question(sample)} ASSISTANT: {sample.answer}"
+        for kind in QUESTION_KINDS:
+            if (asked := question(rng, scene, kind)) is not None:
+                yield f"USER: {asked.question} ASSISTANT: {asked.answer}"
+
+
+def train_tokenizer(path: Path, seed: int, vocab_size: int = 512) -> SentencePieceTokenizer:
+    """A LLaMA-style sentencepiece BPE (byte fallback, unk 0 / bos 1 / eos 2) on the world's text."""
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=corpus(random.Random(seed)), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=True,
+        remove_extra_whitespaces=False, normalization_rule_name="identity", split_digits=True,
+        hard_vocab_limit=False, minloglevel=2,
+    )
+    path.write_bytes(model.getvalue())
+    return SentencePieceTokenizer(path)
+
+
+def checkpoint_config(vocab_size: int) -> dict:
+    """config.json as MobileVLM V2 writes it: LLaMA fields plus mm_* (LDPv2 projector, tower in a local directory)."""
+    return {
+        "architectures": ["MobileLlamaForCausalLM"], "model_type": "mobilevlm", "torch_dtype": "float16",
+        "vocab_size": vocab_size, **LANGUAGE,
+        "mm_vision_tower": TOWER_DIR, "vision_tower_type": "clip", "mm_projector_type": "ldpnetv2",
+        "mm_hidden_size": VISION["hidden_size"], "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
+        "image_aspect_ratio": "pad", "mm_use_im_start_end": False, "mm_use_im_patch_token": False,
+    }
+
+
+def build_model(vocab_size: int, seed: int) -> MobileLlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = parse_config(checkpoint_config(vocab_size), Path("config.json"))
+    return MobileLlamaForCausalLM(config, CLIPVisionConfig(**VISION))
+
+
+# --- data ------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Pool:
+    """The training scenes and the square uint8 images the model sees of them (pad + resize done once)."""
+
+    scenes: list[Scene]
+    pixels: np.ndarray  # [N, S, S, 3] uint8
+    colour_labels: np.ndarray  # [N, patches] 0 = background, else 1 + index in COLOURS
+    shape_labels: np.ndarray  # [N, patches] 0 = background, else 1 + index in SHAPES
+
+
+def patch_labels(scene: Scene, processor: ImageProcessor, patch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Colour and shape under each patch (the shape covering most of it, if it covers a quarter), in the geometry of
+    the processed image (same pad and resize, nearest-neighbour)."""
+    mask = Image.new("L", (scene.width, scene.height), 0)
+    draw = ImageDraw.Draw(mask)
+    for index, shape in enumerate(scene.shapes, start=1):
+        draw_shape(draw, shape, index)
+    if processor.pad_to_square:
+        mask = expand_to_square(mask, 0)
+    mask = np.asarray(mask.resize((processor.crop_size, processor.crop_size), Image.Resampling.NEAREST))
+    grid = processor.crop_size // patch_size
+    patches = mask.reshape(grid, patch_size, grid, patch_size).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
+    counts = np.stack([(patches == index).sum(axis=1) for index in range(len(scene.shapes) + 1)], axis=1)
+    owner = counts[:, 1:].argmax(axis=1) + 1 if len(scene.shapes) else np.zeros(len(patches), dtype=int)
+    covered = counts[np.arange(len(patches)), owner] >= patch_size * patch_size / 4
+    colour_ids = {name: index + 1 for index, name in enumerate(COLOURS)}
+    shape_ids = {name: index + 1 for index, name in enumerate(SHAPES)}
+    colours = np.array([0] + [colour_ids[s.colour] for s in scene.shapes])[np.where(covered, owner, 0)]
+    kinds = np.array([0] + [shape_ids[s.kind] for s in scene.shapes])[np.where(covered, owner, 0)]
+    return colours, kinds
+
+
+def make_pool(count: int, seed: int, processor: ImageProcessor, patch_size: int) -> Pool:
+    """`count` scenes: two thirds drawn freely, one third built around a navigation target (some of them near)."""
+    rng = random.Random(seed)
+    scenes = [navigation_sample(rng)[0] if index % 3 == 2 else random_scene(rng) for index in range(count)]
+    pixels = np.stack([np.asarray(processor.square(render(scene))) for scene in scenes])
+    labels = [patch_labels(scene, processor, patch_size) for scene in scenes]
+    return Pool(scenes, pixels, np.stack([c for c, _ in labels]), np.stack([k for _, k in labels]))
+
+
+def draw_turns(rng: random.Random, scene: Scene, turns: int) -> list[Sample]:
+    """`turns` questions about `scene`: each kind and navigation about equally often."""
+    samples: list[Sample] = []
+    while len(samples) < turns:
+        kind = rng.choice(QUESTION_KINDS + ("navigation",))
+        if kind == "navigation":
+            target = rng.choice(scene.shapes) if rng.random() < 0.75 else None
+            colour, shape = (target.colour, target.kind) if target else (rng.choice(list(COLOURS)), rng.choice(SHAPES))
+            instruction = rng.choice(("Go to the {n}.", "Navigate to the {n}.", "Drive to the {n}.", "Move towards the {n}."))
+            samples.append(Sample(kind, instruction.format(n=f"{colour} {shape}"), navigation_answer(scene, colour, shape)))
+        elif (sample := question(rng, scene, kind)) is not None:
+            samples.append(sample)
+    return samples
+
+
+def conversation(tokenizer: SentencePieceTokenizer, samples: list[Sample]) -> tuple[list[int], list[int]]:
+    """Token ids of the turns after the image, and their labels (the answers and their EOS; the rest ignored)."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for index, sample in enumerate(samples):
+        asked = question_ids(tokenizer, prompt_question(sample), first=index == 0)
+        answered = answer_ids(tokenizer, sample.answer)
+        ids += asked + answered
+        labels += [IGNORE] * len(asked) + answered
+    return ids, labels
+
+
+def pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(row) for row in rows)
+    return torch.tensor([row + [value] * (width - len(row)) for row in rows], dtype=torch.long)
+
+
+# --- training --------------------------------------------------------------------------------------------------------
+
+def schedule(step: int, steps: int, warmup: int = 20) -> float:
+    """Linear warm-up, then cosine decay to 10%."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def optimize(name: str, parameters: list[nn.Parameter], steps: int, learning_rate: float, loss_of_step: Callable[[int], torch.Tensor]) -> float:
+    """AdamW over `parameters` for `steps` steps; logs the running loss and returns the last one."""
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.01)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step, steps))
+    started, running = time.perf_counter(), float("nan")
+    for step in range(steps):
+        loss = loss_of_step(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        lr_schedule.step()
+        running = loss.item() if math.isnan(running) else 0.95 * running + 0.05 * loss.item()
+        if step % 50 == 0 or step == steps - 1:
+            logger.info("%s step %d/%d loss %.4f (%.0f s)", name, step + 1, steps, running, time.perf_counter() - started)
+    return running
+
+
+def language_loss(model: MobileLlamaForCausalLM, embeds: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy over the labelled positions (right padding needs no mask: it only follows)."""
+    hidden = model.model(inputs_embeds=embeds).last_hidden_state
+    logits = model.lm_head(hidden[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE)
+
+
+def train(out_dir: str | Path, recipe: Recipe = Recipe()) -> Path:
+    """Run the whole recipe and write the checkpoint to `out_dir` (replaced if it exists)."""
+    out_dir = Path(out_dir)
+    started = time.perf_counter()
+    random.seed(recipe.seed)
+    torch.manual_seed(recipe.seed)
+    work = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    (work / TOWER_DIR).mkdir(parents=True)
+    tokenizer = train_tokenizer(work / "tokenizer.model", recipe.seed)
+    vocab_size = tokenizer.sp.get_piece_size()
+    model = build_model(vocab_size, recipe.seed)
+    processor = ImageProcessor(crop_size=VISION["image_size"], shortest_edge=VISION["image_size"])
+    pool = make_pool(recipe.scenes, recipe.seed, processor, VISION["patch_size"])
+    logger.info("vocabulary %d, %d parameters, pool of %d scenes (%.0f s)",
+                vocab_size, sum(p.numel() for p in model.parameters()), len(pool.scenes), time.perf_counter() - started)
+    rng = random.Random(recipe.seed + 1)
+    tower, projector, embed = model.model.vision_tower, model.model.mm_projector, model.model.embed_tokens
+    prefix = torch.tensor(prefix_ids(tokenizer))
+
+    def batch_indices() -> list[int]:
+        return [rng.randrange(len(pool.scenes)) for _ in range(recipe.batch_size)]
+
+    # 0a. vision tower: dense colour and shape labels
+    colour_head, shape_head = nn.Linear(VISION["hidden_size"], len(COLOURS) + 1), nn.Linear(VISION["hidden_size"], len(SHAPES) + 1)
+
+    def vision_loss(step: int) -> torch.Tensor:
+        indices = batch_indices()
+        features = tower(processor.normalize(pool.pixels[indices]))
+        colours = torch.from_numpy(pool.colour_labels[indices]).long()
+        kinds = torch.from_numpy(pool.shape_labels[indices]).long()
+        return (F.cross_entropy(colour_head(features).flatten(0, 1), colours.flatten())
+                + F.cross_entropy(shape_head(features).flatten(0, 1), kinds.flatten()))
+
+    optimize("0a vision", [*tower.parameters(), *colour_head.parameters(), *shape_head.parameters()],
+             recipe.vision_steps, recipe.learning_rate, vision_loss)
+    tower.requires_grad_(False).eval()
+    with torch.no_grad():
+        features = torch.cat([tower(processor.normalize(pool.pixels[i : i + 64])) for i in range(0, len(pool.scenes), 64)])
+
+    # 0b. language model: conversations with the caption in place of the image
+    language_parameters = [p for n, p in model.named_parameters() if not n.startswith(("model.vision_tower.", "model.mm_projector."))]
+
+    def text_loss(step: int) -> torch.Tensor:
+        rows, labels = [], []
+        for index in batch_indices():
+            scene = pool.scenes[index]
+            described = tokenizer.encode(caption(scene))
+            turns, turn_labels = conversation(tokenizer, draw_turns(rng, scene, recipe.turns))
+            rows.append(prefix.tolist() + described + turns)
+            labels.append([IGNORE] * (len(prefix) + len(described)) + turn_labels)
+        return language_loss(model, embed(pad(rows, 0)), pad(labels, IGNORE))
+
+    optimize("0b language", language_parameters, recipe.text_steps, recipe.learning_rate, text_loss)
+
+    def image_loss(samples_of: Callable[[Scene], list[Sample]]) -> torch.Tensor:
+        indices = batch_indices()
+        turns = [conversation(tokenizer, samples_of(pool.scenes[index])) for index in indices]
+        image = projector(features[indices])
+        embeds = torch.cat([embed(prefix).expand(len(indices), -1, -1), image, embed(pad([t for t, _ in turns], 0))], dim=1)
+        ignored = [IGNORE] * (len(prefix) + image.shape[1])
+        return language_loss(model, embeds, pad([ignored + labels for _, labels in turns], IGNORE))
+
+    # 1. projector only: image -> caption
+    model.requires_grad_(False)
+    projector.requires_grad_(True)
+    optimize("1 align", list(projector.parameters()), recipe.align_steps, recipe.learning_rate,
+             lambda step: image_loss(lambda scene: [Sample("caption", CAPTION_QUESTION, caption(scene))]))
+
+    # 2. projector + LLM: instructions and navigation
+    for parameter in language_parameters:
+        parameter.requires_grad_(True)
+    loss = optimize("2 instruct", [*projector.parameters(), *language_parameters], recipe.instruct_steps,
+                    recipe.instruct_learning_rate, lambda step: image_loss(lambda scene: draw_turns(rng, scene, recipe.turns)))
+
+    save_checkpoint(model, work)
+    (work / "training.json").write_text(json.dumps({
+        "recipe": recipe.__dict__, "final_loss": loss, "seconds": round(time.perf_counter() - started),
+        "torch": torch.__version__, "navigation_prompt": NAVIGATION_PROMPT, "navigation_actions": NAVIGATION_ACTIONS,
+    }, indent=2) + "\n")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    work.rename(out_dir)
+    logger.info("wrote %s in %.0f s", out_dir, time.perf_counter() - started)
+    return out_dir
+
+
+def save_checkpoint(model: MobileLlamaForCausalLM, directory: Path) -> None:
+    """config.json, fp16 model.safetensors (every key as upstream names it) and the tower's config directory."""
+    (directory / "config.json").write_text(json.dumps(checkpoint_config(model.config.vocab_size), indent=2) + "\n")
+    tower = directory / TOWER_DIR
+    (tower / "config.json").write_text(json.dumps({"model_type": "clip_vision_model", **VISION}, indent=2) + "\n")
+    processor = {"crop_size": VISION["image_size"], "size": VISION["image_size"], "do_center_crop": True, "do_normalize": True,
+                 "do_resize": True, "image_mean": list(ImageProcessor.image_mean), "image_std": list(ImageProcessor.image_std),
+                 "resample": 3, "image_processor_type": "CLIPImageProcessor"}
+    (tower / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+    weights = {key: value.detach().to(torch.float16).contiguous() for key, value in model.state_dict().items()}
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
