@@ -1,12 +1,19 @@
-"""`mobilevlm`: the library from a shell. `ask` answers one question, `build` prepares artifacts (GGUF), `bench` times
-the pipeline against the plain baselines."""
+"""`mobilevlm`: the library from a shell. `ask` answers one question, `eval` scores a question file, `build` prepares
+artifacts (GGUF, ONNX, engines), `bench` times the pipeline against the plain baselines, `demo` and `train` run and
+make the shipped demo model."""
 
 import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
+from typing import TYPE_CHECKING
 
+from mobilevlm_ros.demo.recipe import Recipe
 from mobilevlm_ros.errors import ConfigError, MobileVLMError, PromptError
+
+if TYPE_CHECKING:
+    from mobilevlm_ros.runtime.vlm import MobileVLM
 
 logger = logging.getLogger("mobilevlm")
 
@@ -17,12 +24,10 @@ QUANTS = ("q4_k_s", "q4_k_m", "q8_0", "f16", "f32")
 def _ask(args: argparse.Namespace) -> int:
     from mobilevlm_ros.model.preprocess import load_image_file
     from mobilevlm_ros.model.prompt import build_prompt
-    from mobilevlm_ros.runtime.vlm import MobileVLM
 
     build_prompt(args.question)  # an empty question fails before the model loads
     image = load_image_file(args.image)
-    vlm = MobileVLM.from_pretrained(args.model, device=args.device, language=args.language, quant=args.quant,
-                                    engines_dir=args.engines_dir, vision=args.vision, vision_precision=args.precision)
+    vlm = _load_model(args)
     answer = vlm.ask(image, args.question, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
     sys.stdout.write(answer + "\n")
     return 0
@@ -99,6 +104,68 @@ def _doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from mobilevlm_ros.evaluate import evaluate, read_questions
+
+    questions = read_questions(args.data)
+    report, answers = evaluate(_load_model(args), questions, args.images, args.max_new_tokens, progress=sys.stderr.isatty())
+    rows = [(kind, str(row["questions"]), f"{row['accuracy']:.3f}") for kind, row in report["by_kind"].items()]
+    text = _table(("kind", "questions", "accuracy"), rows + [("all", str(report["questions"]), f"{report['accuracy']:.3f}")])
+    if yes_no := report.get("yes_no"):
+        names = ("accuracy", "precision", "recall", "f1", "yes_ratio")
+        text += "\n" + _table(("yes/no questions",) + names, [(str(yes_no["questions"]),) + tuple(f"{yes_no[n]:.3f}" for n in names)])
+    sys.stdout.write(text)
+    if args.json:
+        answered = [{"image": q.image, "question": q.question, "answer": q.answer, "kind": q.kind, "prediction": a}
+                    for q, a in zip(questions, answers)]
+        Path(args.json).write_text(json.dumps({"report": report, "answers": answered}, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from mobilevlm_ros.demo import DEMO_CHECKPOINT
+    from mobilevlm_ros.demo.showcase import run_demo
+
+    results = run_demo(args.model or DEMO_CHECKPOINT, args.out, args.per_kind)
+    rows = [(r.sample.kind, r.sample.question, r.answer, r.sample.answer, "yes" if r.correct else "NO", f"{r.latency_s * 1e3:.0f}")
+            for r in results]
+    sys.stdout.write(_table(("kind", "question", "answer", "expected", "right", "latency (ms)"), rows))
+    sys.stdout.write(f"\n{sum(r.correct for r in results)}/{len(results)} right; frames with answers in {args.out}/\n")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from mobilevlm_ros.demo import DEMO_CHECKPOINT
+    from mobilevlm_ros.demo.train import train
+
+    recipe = Recipe(**{knob.name: getattr(args, knob.name) for knob in fields(Recipe)})
+    out = train(args.out or DEMO_CHECKPOINT, recipe)
+    sys.stdout.write(f"wrote {out}\n")
+    return 0
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Which checkpoint to load and on which backends."""
+    parser.add_argument("--model", default=None, help="MobileVLM checkpoint directory (default: the shipped demo model)")
+    parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    parser.add_argument("--language", default="torch", choices=["torch", "llamacpp"], help="language backend (default torch)")
+    parser.add_argument("--quant", default="q4_k_s", choices=QUANTS, help="GGUF type for --language llamacpp (default q4_k_s)")
+    parser.add_argument("--vision", default="torch", choices=["torch", "onnxruntime", "tensorrt"], help="vision backend (default torch)")
+    parser.add_argument("--precision", default="fp16", choices=["fp16", "fp32", "int8"], help="TensorRT engine precision (default fp16)")
+    parser.add_argument("--engines-dir", default=None, help="artifact cache (default: the package's engines/)")
+
+
+def _load_model(args: argparse.Namespace) -> "MobileVLM":
+    from mobilevlm_ros.demo import DEMO_CHECKPOINT
+    from mobilevlm_ros.runtime.vlm import MobileVLM
+
+    return MobileVLM.from_pretrained(args.model or DEMO_CHECKPOINT, device=args.device, language=args.language, quant=args.quant,
+                                     engines_dir=args.engines_dir, vision=args.vision, vision_precision=args.precision)
+
+
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     """A Markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -113,18 +180,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     ask = commands.add_parser("ask", help="answer one question about one image")
     ask.add_argument("question", help="the question, e.g. 'What is on the table?'")
-    ask.add_argument("--model", required=True, help="MobileVLM checkpoint directory (config.json, weights, tokenizer)")
+    _add_model_arguments(ask)
     ask.add_argument("--image", required=True, help="image file (any format PIL reads)")
     ask.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit in tokens")
     ask.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     ask.add_argument("--seed", type=int, default=None, help="sampling seed")
-    ask.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
-    ask.add_argument("--language", default="torch", choices=["torch", "llamacpp"], help="language backend (default torch)")
-    ask.add_argument("--quant", default="q4_k_s", choices=QUANTS, help="GGUF type for --language llamacpp (default q4_k_s)")
-    ask.add_argument("--vision", default="torch", choices=["torch", "onnxruntime", "tensorrt"], help="vision backend (default torch)")
-    ask.add_argument("--precision", default="fp16", choices=["fp16", "fp32", "int8"], help="TensorRT engine precision (default fp16)")
-    ask.add_argument("--engines-dir", default=None, help="artifact cache (default: the package's engines/)")
     ask.set_defaults(run=_ask)
+
+    evaluate = commands.add_parser("eval", help="exact-match accuracy (and POPE yes/no metrics) on a question/answer JSON-lines file")
+    _add_model_arguments(evaluate)
+    evaluate.add_argument("--data", required=True, help='JSON lines: {"image": ..., "question": ..., "answer": ..., "kind": ...}')
+    evaluate.add_argument("--images", required=True, help="directory the data's image names are relative to")
+    evaluate.add_argument("--max-new-tokens", type=int, default=16, help="answer length limit in tokens (default 16)")
+    evaluate.add_argument("--json", default=None, help="also write the report and every answer as JSON to this file")
+    evaluate.set_defaults(run=_eval)
+
+    demo = commands.add_parser("demo", help="the shipped demo model answering questions about synthetic scenes (no ROS)")
+    demo.add_argument("--model", default=None, help="checkpoint directory (default: the shipped demo model)")
+    demo.add_argument("--out", default="mobilevlm_demo", help="where the frames with question and answer drawn go")
+    demo.add_argument("--per-kind", type=int, default=2, help="questions of each kind (default 2)")
+    demo.set_defaults(run=_demo)
+
+    train = commands.add_parser("train", help="train the tiny demo MobileVLM on the synthetic world (MobileVLM's recipe)")
+    train.add_argument("--out", default=None, help="checkpoint directory to write (default: the package's demo checkpoint)")
+    train.add_argument("--seed", type=int, default=0, help="seed of the world and the weights (default 0)")
+    for knob in fields(Recipe):
+        if knob.name != "seed":
+            train.add_argument(f"--{knob.name.replace('_', '-')}", type=type(knob.default), default=knob.default, help=f"(default {knob.default})")
+    train.set_defaults(run=_train)
 
     build = commands.add_parser("build", help="build artifacts (LLM as GGUF, vision as ONNX / TensorRT engine) into the engines directory")
     build.add_argument("--model", required=True, help="MobileVLM checkpoint directory")
