@@ -35,7 +35,7 @@ def generate_launch_description() -> LaunchDescription:
         )
 
     return LaunchDescription([
-        DeclareLaunchArgument("model_path", description="MobileVLM checkpoint directory"),
+        DeclareLaunchArgument("model_path", default_value="", description="MobileVLM checkpoint directory (empty: the shipped demo model)"),
         DeclareLaunchArgument("camera_topic", default_value="image", description="camera image topic (raw)"),
         DeclareLaunchArgument("params_file", default_value=default_params, description="node parameters (YAML)"),
         DeclareLaunchArgument("namespace", default_value="", description="namespace of the node"),

@@ -35,7 +35,7 @@ class Spec:
 
 
 SPECS = (
-    Spec("model_path", "", "MobileVLM checkpoint directory (config.json, weights, tokenizer). Required."),
+    Spec("model_path", "", "MobileVLM checkpoint directory (config.json, weights, tokenizer); empty = the shipped demo model."),
     Spec("vision_backend", "torch", "Vision tower + projector runtime (onnxruntime and tensorrt build their artifact on first use).",
          choices=("torch", "onnxruntime", "tensorrt")),
     Spec("vision_precision", "fp16", "TensorRT engine precision.", choices=("fp16", "fp32")),
