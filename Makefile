@@ -16,7 +16,7 @@ INSTALL_STAMP    := $(VENV)/.install.stamp
 INTERFACE_SRCS := mobilevlm_interfaces/CMakeLists.txt mobilevlm_interfaces/package.xml \
 	$(wildcard mobilevlm_interfaces/msg/*.msg mobilevlm_interfaces/srv/*.srv mobilevlm_interfaces/action/*.action)
 
-.PHONY: venv interfaces install test clean distclean
+.PHONY: venv interfaces install test demo clean distclean
 
 venv: $(VENV_STAMP)
 interfaces: $(INTERFACES_STAMP)
@@ -51,6 +51,10 @@ $(INSTALL_STAMP): $(VENV_STAMP) mobilevlm_ros/setup.py mobilevlm_ros/setup.cfg m
 
 test: venv interfaces install
 	$(PY) -m pytest mobilevlm_ros/test $(PYTEST_ARGS)
+
+# The node on the shipped demo model, a synthetic camera and a client asking through the real services.
+demo: venv interfaces install
+	$(PY) -m mobilevlm_ros.demo.ros_demo --out mobilevlm_demo
 
 clean:
 	rm -rf build

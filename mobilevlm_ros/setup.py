@@ -14,8 +14,8 @@ setup(
     license="Apache-2.0",
     maintainer="mobilevlm_ros maintainers",
     packages=find_packages(exclude=["test", "test.*"]),
-    # The shipped tiny demo checkpoint (empty until it is trained and committed).
-    package_data={PACKAGE: ["demo/checkpoint/*"]},
+    # The shipped tiny demo checkpoint (written by `mobilevlm train`).
+    package_data={PACKAGE: ["demo/checkpoint/*", "demo/checkpoint/clip-vit-demo/*"]},
     data_files=[
         # Marker that registers the package in the ament resource index (how ROS tools find it).
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),

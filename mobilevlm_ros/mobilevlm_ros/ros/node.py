@@ -31,6 +31,7 @@ from std_msgs.msg import String
 from mobilevlm_interfaces.action import Ask
 from mobilevlm_interfaces.msg import Answer
 from mobilevlm_interfaces.srv import NavigationInstruction, VisualQuery
+from mobilevlm_ros.demo import DEMO_CHECKPOINT
 from mobilevlm_ros.errors import MobileVLMError
 from mobilevlm_ros.ros.debug_image import draw_caption
 from mobilevlm_ros.ros.diagnostics import RequestStats
@@ -82,6 +83,7 @@ class MobileVLMNode(LifecycleNode):
 
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.params = parameter_values(self)
+        self.params["model_path"] = self.params["model_path"] or str(DEMO_CHECKPOINT)
         try:
             self._check_parameters()
             self.vlm = self._load_model()
@@ -117,8 +119,6 @@ class MobileVLMNode(LifecycleNode):
         for spec in SPECS:
             if spec.choices and p[spec.name] not in spec.choices:
                 raise ConfigurationError(f"parameter {spec.name}: {p[spec.name]!r} is not one of {', '.join(spec.choices)}")
-        if not p["model_path"]:
-            raise ConfigurationError("parameter model_path is empty: set it to a MobileVLM checkpoint directory")
         cameras = p["cameras"]
         if not cameras or len(set(cameras)) != len(cameras) or not all(cameras):
             raise ConfigurationError(f"parameter cameras: expected distinct non-empty names, got {cameras}")
@@ -249,6 +249,8 @@ class MobileVLMNode(LifecycleNode):
         self._fill(response, result, queued, request.camera)
         response.answer = result.answer
         response.prompt_tokens, response.generated_tokens = result.prompt_tokens, result.generated_tokens
+        if queued is not None:
+            self._publish_debug_image(queued.frame, request.question, result)
         return response
 
     @tracked
@@ -262,6 +264,8 @@ class MobileVLMNode(LifecycleNode):
         if result.success:
             response.action, response.confidence = result.action, result.confidence
             response.scores = [result.scores[action] for action in actions]
+        if queued is not None:
+            self._publish_debug_image(queued.frame, request.instruction, result)
         return response
 
     def _on_ask_goal(self, goal: Ask.Goal) -> GoalResponse:
@@ -314,13 +318,15 @@ class MobileVLMNode(LifecycleNode):
             response.image_stamp = request.frame.stamp
 
     def _publish_debug_image(self, frame: Frame, question: str, result: Result) -> None:
+        """The answered frame with the question and the answer (or the chosen action) drawn, for whoever watches."""
         if not self.params["debug_image"] or self.debug_publisher.get_subscription_count() == 0:
             return
         try:
             rgb = frame.to_rgb()
         except MobileVLMError:
             return
-        text = result.answer if result.success else f"error: {result.error}"
+        answer = f"{result.action} ({result.confidence:.2f})" if result.action else result.answer
+        text = answer if result.success else f"error: {result.error}"
         self.debug_publisher.publish(rgb_to_image(draw_caption(rgb, [f"Q: {question}", f"A: {text}"]), frame.msg.header))
 
     # ---- diagnostics ------------------------------------------------------------------------------------------------
