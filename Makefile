@@ -52,6 +52,12 @@ $(INSTALL_STAMP): $(VENV_STAMP) mobilevlm_ros/setup.py mobilevlm_ros/setup.cfg m
 test: venv interfaces install
 	$(PY) -m pytest mobilevlm_ros/test $(PYTEST_ARGS)
 
+# Only the reliability tests (fuzzing every input with the large hypothesis profile, overload, soak, faults, signals,
+# security); their figures are printed at the end and written to mobilevlm-figures.json in $TMPDIR (/tmp).
+.PHONY: reliability
+reliability: venv interfaces install
+	$(PY) -m pytest mobilevlm_ros/test -m reliability --hypothesis-profile=reliability $(PYTEST_ARGS)
+
 # The node on the shipped demo model, a synthetic camera and a client asking through the real services.
 demo: venv interfaces install
 	$(PY) -m mobilevlm_ros.demo.ros_demo --out mobilevlm_demo

@@ -1,16 +1,50 @@
 """Shared fixtures: a real sentencepiece tokenizer trained at fixture time, tiny official-format checkpoints, and one
 rclpy context for the ROS tests."""
 
+import json
+import os
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Fuzzing budgets: "ci" (the default, what `make test` runs) stays within a few minutes on 2 cores; `make reliability`
+# passes --hypothesis-profile=reliability for the long run. Every example talks to a real node, so no deadline; no
+# example database either (it would write .hypothesis/ into the work tree): a failure prints its example.
+_FUZZ = dict(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("ci", max_examples=40, **_FUZZ)
+settings.register_profile("reliability", max_examples=400, **_FUZZ)
+settings.load_profile("ci")
+
+# Where the figures tests measure go (reliability counts and latencies, demo model accuracies), also printed at the end.
+FIGURES_FILE = Path(os.environ.get("MOBILEVLM_FIGURES", Path(tempfile.gettempdir()) / "mobilevlm-figures.json"))
+_figures: dict[str, Any] = {}
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: real-size models (tens of seconds); CI runs them too, `-m 'not slow'` skips them")
+    config.addinivalue_line("markers", "reliability: hostile inputs, overload, soak, faults, security (`make reliability` runs only these)")
+
+
+@pytest.fixture(scope="session")
+def figures() -> dict[str, Any]:
+    """Measurements tests report (name -> JSON value): printed in the terminal summary and written to FIGURES_FILE."""
+    return _figures
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not _figures:
+        return
+    FIGURES_FILE.write_text(json.dumps(_figures, indent=2, sort_keys=True))
+    terminalreporter.section("figures")
+    for name, value in sorted(_figures.items()):
+        terminalreporter.line(f"{name}: {json.dumps(value)}")
+    terminalreporter.line(f"(written to {FIGURES_FILE})")
 
 
 @pytest.fixture(scope="session")

@@ -163,24 +163,60 @@ def test_no_weights_at_all(copy_checkpoint):
 
 
 class _Payload:
-    """Pickling this would call os.system on load if the loader were unsafe."""
+    """Pickling this would call `function(*arguments)` on load if the loader were unsafe."""
+
+    def __init__(self, function, *arguments):
+        self.function, self.arguments = function, arguments
 
     def __reduce__(self):
-        import os
-
-        return (os.system, ("touch /tmp/mobilevlm-pwned",))
+        return (self.function, self.arguments)
 
 
+def _code_payloads(marker: Path) -> list:
+    import builtins
+    import os
+    import subprocess
+
+    return [
+        _Payload(os.system, f"touch {marker}"),
+        _Payload(builtins.exec, f"open({str(marker)!r}, 'w')"),
+        _Payload(builtins.eval, f"open({str(marker)!r}, 'w')"),
+        _Payload(subprocess.call, ["touch", str(marker)]),
+        _Payload(builtins.open, str(marker), "w"),
+    ]
+
+
+@pytest.mark.reliability
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
-def test_a_pickle_that_holds_code_is_refused(copy_checkpoint):
+@pytest.mark.parametrize("writer", ["pickle", "torch.save"])
+@pytest.mark.parametrize("payload", range(5), ids=["os.system", "exec", "eval", "subprocess.call", "open"])
+def test_a_pickle_that_holds_code_is_refused(copy_checkpoint, tmp_path, writer, payload):
+    """Raw pickles and torch's zip format alike: loading calls nothing the file names."""
     path = copy_checkpoint(fmt="bin")
+    marker = tmp_path / "pwned"
     weights = torch.load(path / "pytorch_model.bin", weights_only=True)
-    weights["model.norm.weight"] = _Payload()
-    with open(path / "pytorch_model.bin", "wb") as file:
-        pickle.dump(weights, file)
+    weights["model.norm.weight"] = _code_payloads(marker)[payload]
+    if writer == "pickle":
+        with open(path / "pytorch_model.bin", "wb") as file:
+            pickle.dump(weights, file)
+    else:
+        torch.save(weights, path / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="pytorch_model.bin: unreadable or corrupt"):
         load_checkpoint(path)
-    assert not Path("/tmp/mobilevlm-pwned").exists()
+    assert not marker.exists()
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("content", [
+    {"model.norm.weight": "a string"}, {"model.norm.weight": 3}, {"model.norm.weight": [torch.ones(64)]},
+    {"state_dict": {"model.norm.weight": torch.ones(64)}}, [torch.ones(64)], {1: torch.ones(64)},
+], ids=["string", "int", "list", "nested", "not a mapping", "int key"])
+def test_a_pickle_that_holds_anything_but_named_tensors_is_refused(copy_checkpoint, content):
+    """Plain data passes weights_only unpickling; the loader still accepts nothing but a mapping of names to tensors."""
+    path = copy_checkpoint(fmt="bin")
+    torch.save(content, path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pytorch_model.bin: expected a flat mapping of names to tensors"):
+        load_checkpoint(path)
 
 
 def test_missing_tokenizer(copy_checkpoint):

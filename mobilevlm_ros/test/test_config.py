@@ -1,6 +1,7 @@
 """config.json validation: every error names the file and the field."""
 
 import json
+import sys
 
 import pytest
 
@@ -73,6 +74,28 @@ def test_bad_fields_are_named(tmp_path, changes, message):
 def test_remote_code_fields_are_ignored(tmp_path):
     config = load_config(write(tmp_path, auto_map={"AutoModelForCausalLM": "evil.Model"}))
     assert not hasattr(config.text_config, "auto_map")
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("language", ["torch", "llamacpp"])
+def test_remote_code_in_a_model_directory_is_never_run(copy_checkpoint, tmp_path, language):
+    """Every config a checkpoint holds names code in its directory (`auto_map`, as trust_remote_code models do);
+    loading the whole model, GGUF build included, must neither import nor execute it."""
+    from mobilevlm_ros.runtime.vlm import MobileVLM
+
+    path = copy_checkpoint()
+    marker = tmp_path / "remote-code-ran"
+    for module in ("modeling_evil", "tokenization_evil", "configuration_evil"):
+        (path / f"{module}.py").write_text(f"open({str(marker)!r}, 'w').write({module!r})\n")
+    auto_map = {"AutoConfig": "configuration_evil.Config", "AutoModelForCausalLM": "modeling_evil.Model",
+                "AutoTokenizer": ["tokenization_evil.Tokenizer", None]}
+    for config_file in (path / "config.json", path / "tokenizer_config.json", path / "clip-vit-tiny" / "config.json"):
+        fields = json.loads(config_file.read_text())
+        config_file.write_text(json.dumps(fields | {"auto_map": auto_map, "trust_remote_code": True}))
+    vlm = MobileVLM.from_pretrained(path, device="cpu", language=language, quant="f32", engines_dir=tmp_path / "engines")
+    assert vlm.tokenizer.encode("Hi")
+    assert not marker.exists()
+    assert not {"modeling_evil", "tokenization_evil", "configuration_evil"} & sys.modules.keys()
 
 
 def test_projector_width_must_match_the_tower(copy_checkpoint):

@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 from mobilevlm_ros.errors import MobileVLMError
+from mobilevlm_ros.model.tiling import DEFAULT_MAX_TILES
 from mobilevlm_ros.ros.frames import Frame
 from mobilevlm_ros.runtime.navigation import navigation_question
 from mobilevlm_ros.runtime.sampling import SamplingParams
-from mobilevlm_ros.runtime.session import Session
-from mobilevlm_ros.runtime.vlm import MobileVLM
+from mobilevlm_ros.runtime.session import PerTileSession, Session
+from mobilevlm_ros.runtime.vlm import MobileVLM, Roi
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,9 @@ class Request:
     frame: Frame
     actions: list[str] = field(default_factory=list)
     params: SamplingParams = field(default_factory=SamplingParams)
+    mode: str = "overview"  # how the model sees the frame (runtime.vlm.IMAGE_MODES); navigation uses the overview
+    roi: Roi | None = None  # x, y, width, height: mode crop's region
+    max_tiles: int = DEFAULT_MAX_TILES
     on_text: Callable[[str, int], None] | None = None  # streaming: (text so far, tokens so far)
     cancelled: Callable[[], bool] = lambda: False
     timeout_s: float = 30.0
@@ -72,10 +76,12 @@ class InferenceWorker:
         self.navigation_prompt = navigation_prompt
         self._queue: queue.PriorityQueue = queue.PriorityQueue()
         self._order = itertools.count()
-        self._session: tuple[Frame, Session] | None = None  # the last frame's session, reused by its next question
+        self._session: tuple[Frame, tuple, Session | PerTileSession] | None = None  # the last frame's, for its next question
         self._stopping = False
+        self._lock = threading.Lock()  # a submit is refused, or queued before stop() drains the queue: never lost
         self._thread = threading.Thread(target=self._run, name="mobilevlm-inference", daemon=True)
         self.busy = False
+        self.max_depth = 0  # the deepest the queue has been: how close overload came to `max_queue`
 
     def start(self) -> None:
         self._thread.start()
@@ -84,17 +90,24 @@ class InferenceWorker:
     def depth(self) -> int:
         return self._queue.qsize()
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def submit(self, request: Request) -> None:
         """Queue `request`, or raise Busy at once when the queue is full (the caller answers with that error)."""
-        if self._stopping:
-            raise Busy("node is shutting down")
-        if self._queue.qsize() >= self.max_queue:
-            raise Busy(f"busy: queue full ({self.max_queue})")
-        self._queue.put((request.priority, next(self._order), request))
+        with self._lock:  # executor threads submit concurrently: check and put as one step
+            if self._stopping:
+                raise Busy("node is shutting down")
+            if self._queue.qsize() >= self.max_queue:
+                raise Busy(f"busy: queue full ({self.max_queue})")
+            self._queue.put((request.priority, next(self._order), request))
+            self.max_depth = max(self.max_depth, self._queue.qsize())
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Interrupt the request in flight, fail the queued ones, and end the thread."""
-        self._stopping = True
+        with self._lock:
+            self._stopping = True
         self._queue.put((-1, -1, None))
         self._thread.join(timeout_s)
         while True:
@@ -103,14 +116,14 @@ class InferenceWorker:
             except queue.Empty:
                 break
             if request is not None:
-                request.done(Result(False, error="node is shutting down", latency_s=time.monotonic() - request.received))
+                _deliver(request, Result(False, error="node is shutting down", latency_s=time.monotonic() - request.received))
 
     def _run(self) -> None:
         while True:
             _, _, request = self._queue.get()
             if request is None or self._stopping:
                 if request is not None:
-                    request.done(Result(False, error="node is shutting down"))
+                    _deliver(request, Result(False, error="node is shutting down"))
                 return
             self.busy = True
             try:
@@ -123,7 +136,7 @@ class InferenceWorker:
             finally:
                 self.busy = False
             result.latency_s = time.monotonic() - request.received
-            request.done(result)
+            _deliver(request, result)
 
     def _answer(self, request: Request) -> Result:
         deadline = request.received + request.timeout_s
@@ -137,7 +150,7 @@ class InferenceWorker:
             return Result(True, action=choice.option, confidence=choice.confidence, scores=choice.scores, prompt_tokens=session.prompt_tokens)
         return self._generate(session, request, deadline)
 
-    def _generate(self, session: Session, request: Request, deadline: float) -> Result:
+    def _generate(self, session: Session | PerTileSession, request: Request, deadline: float) -> Result:
         def should_stop() -> bool:
             return self._stopping or request.cancelled() or time.monotonic() > deadline
 
@@ -153,9 +166,17 @@ class InferenceWorker:
                 result.error = f"timeout: no answer within {request.timeout_s:g} s"
         return result
 
-    def _session_for(self, request: Request) -> Session:
-        """The session of the request's frame: reused when the previous request asked about the same frame."""
-        frame = request.frame
-        if self._session is None or self._session[0] is not frame:
-            self._session = (frame, self.vlm.session(frame.to_rgb()))
-        return self._session[1]
+    def _session_for(self, request: Request) -> Session | PerTileSession:
+        """The session of the request's frame and view: reused when the previous request asked about the same ones."""
+        frame, view = request.frame, (request.mode, request.roi, request.max_tiles)
+        if self._session is None or self._session[0] is not frame or self._session[1] != view:
+            self._session = (frame, view, self.vlm.session(frame.to_rgb(), mode=request.mode, roi=request.roi, max_tiles=request.max_tiles))
+        return self._session[2]
+
+
+def _deliver(request: Request, result: Result) -> None:
+    """Hand `result` to the request's `done`; a failing callback costs that response, never the worker thread."""
+    try:
+        request.done(result)
+    except Exception:
+        logger.exception("delivering a result failed")
