@@ -8,7 +8,7 @@ import torch
 from transformers import CLIPVisionConfig
 
 from mobilevlm_ros.export import onnx as onnx_export
-from mobilevlm_ros.export.onnx import export_onnx
+from mobilevlm_ros.export.onnx import export_onnx, onnx_artifact, quantize_onnx
 from mobilevlm_ros.model.checkpoint import load_checkpoint
 from mobilevlm_ros.model.config import parse_config
 from mobilevlm_ros.model.mobilevlm import MobileLlamaForCausalLM
@@ -68,6 +68,57 @@ def test_large_graphs_keep_weights_in_one_external_file(make_checkpoint, tmp_pat
     assert (OnnxRuntimeVision(tmp_path / "vision.onnx", CPU)(x) - TorchVision(model)(x)).abs().max().item() <= 1e-4
 
 
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+
+
+def test_fp16_model_exports_an_fp32_graph_and_keeps_its_dtype(make_checkpoint, tmp_path):
+    model = load_checkpoint(make_checkpoint(dtype=torch.float32)).model
+    half = load_checkpoint(make_checkpoint(dtype=torch.float32), dtype=torch.float16).model
+    export_onnx(half, tmp_path / "vision.onnx")
+    graph = onnx.load(str(tmp_path / "vision.onnx")).graph
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert next(half.model.vision_tower.parameters()).dtype == torch.float16  # the serving model is untouched
+    x = pixels(1)
+    # The graph holds the fp16 weights widened to fp32: it equals the fp32 model up to fp16 rounding of the weights.
+    assert cosine(OnnxRuntimeVision(tmp_path / "vision.onnx", CPU)(x), TorchVision(model)(x)) >= 0.999
+
+
+def test_int8_graph_is_quantized_and_close_to_torch(make_checkpoint, tmp_path):
+    model = load_checkpoint(make_checkpoint(dtype=torch.float32)).model
+    int8 = onnx_artifact(model, make_checkpoint(dtype=torch.float32), tmp_path, build=True, precision="int8")
+    assert int8.built and int8.manifest["precision"] == "onnx-int8-opset17"
+    assert int8.manifest["details"]["source"].startswith("vision-onnx-opset17-")  # made from the cached fp32 graph
+    graph = onnx.load(str(int8.path)).graph
+    weights = {tensor.name for tensor in graph.initializer}
+    assert "MatMulInteger" in {node.op_type for node in graph.node}
+    # Every MatMul by a weight is quantized; attention's activation-by-activation MatMuls stay fp32.
+    assert not [node.name for node in graph.node if node.op_type == "MatMul" and weights & set(node.input)]
+    fp32 = onnx_artifact(model, make_checkpoint(dtype=torch.float32), tmp_path, build=False)
+    quantized = [tensor for tensor in graph.initializer if tensor.name.endswith("_quantized")]
+    assert quantized and all(tensor.data_type == onnx.TensorProto.INT8 for tensor in quantized)
+    assert int8.path.stat().st_size < fp32.path.stat().st_size  # the tiny tower's convolutions stay fp32
+    backend = OnnxRuntimeVision(int8.path, CPU)
+    x = pixels(3)  # a dynamic batch, as tiles need
+    ours, expected = backend(x), TorchVision(model)(x)
+    assert ours.shape == expected.shape
+    assert cosine(ours, expected) >= 0.99
+    assert (ours - expected).abs().max().item() > 1e-6  # quantization did change the numbers
+
+
+def test_onnxruntime_uses_torch_thread_count(make_checkpoint, tmp_path):
+    model = load_checkpoint(make_checkpoint(dtype=torch.float32)).model
+    export_onnx(model, tmp_path / "vision.onnx")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        backend = OnnxRuntimeVision(tmp_path / "vision.onnx", CPU)
+    finally:
+        torch.set_num_threads(threads)
+    assert backend.threads == 1
+    assert backend.session.get_session_options().intra_op_num_threads == 1
+
+
 def test_unreadable_graph_is_a_clear_error(tmp_path):
     from mobilevlm_ros.errors import BackendError
 
@@ -91,13 +142,19 @@ def real_size_vision_model() -> MobileLlamaForCausalLM:
 
 @pytest.mark.slow
 def test_real_size_vision_graph_matches_torch(tmp_path):
+    """fp32 and int8 graphs at CLIP ViT-L/14-336 + LDPv2 (1.7B) size against torch."""
     model = real_size_vision_model()
     export_onnx(model, tmp_path / "vision.onnx")
     x = pixels(1)
-    ours = OnnxRuntimeVision(tmp_path / "vision.onnx", CPU)(x).flatten()
     expected = TorchVision(model)(x).flatten()
+    del model
+    ours = OnnxRuntimeVision(tmp_path / "vision.onnx", CPU)(x).flatten()
     assert ours.shape == (144 * 2048,)
-    assert torch.nn.functional.cosine_similarity(ours, expected, dim=0).item() >= 0.999
+    assert cosine(ours, expected) >= 0.999
+    quantize_onnx(tmp_path / "vision.onnx", tmp_path / "vision-int8.onnx")
+    (tmp_path / "vision.onnx").unlink()
+    int8 = OnnxRuntimeVision(tmp_path / "vision-int8.onnx", CPU)(x).flatten()
+    assert cosine(int8, expected) >= 0.999
 
 
 TRT_REASON = tensorrt_unavailable_reason()

@@ -3,9 +3,15 @@
 The tower is cut at the selected layer (the layers past it are not in the graph), the CLS token is dropped and the
 projector is folded in, so an engine built from the graph does exactly what `MobileLlamaForCausalLM.encode_images`
 does. Opset 17 keeps LayerNorm as one LayerNormalization op (TensorRT >= 8.6 runs it safely in fp16). The batch
-dimension is dynamic: tiles of one high-resolution frame go through in one call.
+dimension is dynamic: tiles of one high-resolution frame go through in one call. The graph is always fp32 (whatever
+dtype the torch model was loaded in): it is the portable source TensorRT builds every precision from.
+
+`int8` is a second graph for ONNX Runtime on CPU: the fp32 graph with dynamically quantized MatMuls (int8 weights per
+output channel, activations quantized per call). An fp32 ViT-L runs near this CPU's fp32 FLOP peak in torch and ONNX
+Runtime alike; int8 GEMMs are what make it faster (see README, Backends).
 """
 
+import copy
 import logging
 import tempfile
 import warnings
@@ -16,6 +22,7 @@ import onnx
 import torch
 from torch import nn
 
+from mobilevlm_ros.errors import ArtifactError
 from mobilevlm_ros.export.artifacts import Artifact, ArtifactKey, get_or_build, model_fingerprint
 from mobilevlm_ros.model.mobilevlm import MobileLlamaForCausalLM
 
@@ -24,6 +31,10 @@ logger = logging.getLogger(__name__)
 OPSET = 17
 PROTOBUF_LIMIT = 2**31 - 1  # bytes; a larger model keeps its weights in an external data file
 Part = Literal["vision", "vit", "projector"]
+OnnxPrecision = Literal["fp32", "int8"]
+# How the int8 graph quantizes: int8 weights per output channel in a 7-bit range (x86 without VNNI multiplies u8 x s8
+# pairs into int16 with saturation; 7-bit weights cannot saturate), MatMuls only (the patch Conv is 0.3% of the time).
+QUANTIZATION = {"weights": "int8 per channel, reduced range", "activations": "uint8 dynamic", "ops": ["MatMul"]}
 
 # Tensor names of each graph: (inputs, outputs). Engines and sessions address tensors by these names.
 TENSOR_NAMES: dict[str, tuple[str, str]] = {
@@ -70,19 +81,23 @@ def export_onnx(
     `opset` below 17 decomposes LayerNorm into primitive ops (TensorRT 8.5 cannot parse LayerNormalization).
     Returns what the artifact manifest records: tensor names, opset, and the external data file if any.
     """
-    graph = VisionGraph(model, part).eval()
     input_name, output_name = TENSOR_NAMES[part]
     tower = model.model.vision_tower
     attention = tower.config._attn_implementation
     tower.config._attn_implementation = "eager"  # plain MatMul/Softmax: every exporter and TensorRT version takes it
     try:
+        graph = VisionGraph(model, part).eval()
+        parameter = next(graph.parameters())
+        if parameter.dtype != torch.float32 or parameter.device.type != "cpu":
+            graph = copy.deepcopy(graph).to("cpu", torch.float32)  # the serving model keeps its dtype and device
         with tempfile.TemporaryDirectory() as scratch, torch.no_grad(), warnings.catch_warnings():
             # Tracing warns about the shape checks in our forward passes; shapes are fixed but the batch, as intended.
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             raw = Path(scratch) / "graph.onnx"  # the exporter may scatter weights of a large graph next to it
             torch.onnx.export(
-                graph, (example_input(model, part),), str(raw), input_names=[input_name], output_names=[output_name],
-                dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}}, opset_version=opset, dynamo=False,
+                graph, (example_input(model, part).to("cpu", torch.float32),), str(raw), input_names=[input_name],
+                output_names=[output_name], dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
+                opset_version=opset, dynamo=False,
             )
             proto = onnx.load(str(raw))
     finally:
@@ -98,14 +113,41 @@ def export_onnx(
     return details
 
 
-def onnx_artifact(model: MobileLlamaForCausalLM, model_dir: Path, engines_dir: Path | None, build: bool, opset: int = OPSET) -> Artifact:
-    """The vision graph of the checkpoint in `model_dir` from the artifact cache, exported when missing or stale."""
+def quantize_onnx(source: Path, path: Path) -> dict[str, object]:
+    """Write the int8 version of the fp32 graph `source` to `path` (see QUANTIZATION)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(source, path, op_types_to_quantize=QUANTIZATION["ops"], per_channel=True, reduce_range=True,
+                     weight_type=QuantType.QInt8)
+    logger.info("quantized %s to int8 in %s (%.1f MB)", source.name, path, path.stat().st_size / 1e6)
+    return {"source": source.name, "quantization": QUANTIZATION}
+
+
+def onnx_artifact(
+    model: MobileLlamaForCausalLM, model_dir: Path, engines_dir: Path | None, build: bool, opset: int = OPSET,
+    precision: OnnxPrecision = "fp32",
+) -> Artifact:
+    """The vision graph of the checkpoint in `model_dir` from the artifact cache, exported when missing or stale;
+    `precision="int8"` is the quantized graph, made from the (cached) fp32 one."""
+    versions = f"torch {torch.__version__}, onnx {onnx.__version__}"
+    if precision == "int8":
+        import onnxruntime
+
+        key = ArtifactKey(
+            model_hash=model_fingerprint(model_dir), component="vision", precision=f"onnx-int8-opset{opset}",
+            runtime="onnxruntime.quantization", runtime_version=f"{versions}, onnxruntime {onnxruntime.__version__}",
+            device="any", suffix="onnx", extra={"tensors": list(TENSOR_NAMES["vision"]), "quantization": QUANTIZATION},
+        )
+        return get_or_build(key, lambda path: quantize_onnx(onnx_artifact(model, model_dir, engines_dir, build, opset).path, path),
+                            engines_dir, build)
+    if precision != "fp32":
+        raise ArtifactError(f"unknown ONNX graph precision {precision!r} (expected fp32 or int8)")
     key = ArtifactKey(
         model_hash=model_fingerprint(model_dir),
         component="vision",
         precision=f"onnx-opset{opset}",
         runtime="onnx",
-        runtime_version=f"torch {torch.__version__}, onnx {onnx.__version__}",
+        runtime_version=versions,
         device="any",
         suffix="onnx",
         extra={"tensors": list(TENSOR_NAMES["vision"])},

@@ -1,24 +1,54 @@
 """TensorRT engine build from the exported vision graph, with the Python builder API of TensorRT 8.5, 8.6 and 10.x.
 
 fp16 is the default (CLIP's LayerNorm stays fp32 where the TensorRT version needs it), fp32 and int8 (entropy
-calibration from sample images) are options. One optimization profile covers batch 1..max_batch (tiles), the
-workspace pool is capped (an 8 GB Orin Nano shares it with everything else) and a timing cache makes rebuilds quick.
+calibration on sample images, preprocessed as at inference) are options. One optimization profile covers batch
+1..max_batch (tiles), the workspace pool is capped (an 8 GB Orin Nano shares it with everything else) and a timing
+cache makes rebuilds quick. The calibration data is prepared without TensorRT (`calibration_batches`).
 """
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from mobilevlm_ros.errors import ArtifactError
+from mobilevlm_ros.errors import ArtifactError, ConfigError
 from mobilevlm_ros.export.artifacts import Artifact, ArtifactKey, get_or_build, model_fingerprint
 from mobilevlm_ros.model.mobilevlm import MobileLlamaForCausalLM
+from mobilevlm_ros.model.preprocess import ImageProcessor, load_image_file
 
 logger = logging.getLogger(__name__)
 
 # Substrings of the ONNX node names torch gives CLIP's LayerNorm modules ("/.../layer_norm1/ReduceMean", ...).
 _LAYER_NORM_NAMES = ("layer_norm", "layernorm", "pre_layrnorm", "post_layernorm")
+CALIBRATION_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+CALIBRATION_BATCH = 8
+
+
+def calibration_batches(directory: Path, image_processor: ImageProcessor, batch_size: int = CALIBRATION_BATCH) -> list[torch.Tensor]:
+    """The images in `directory` (sorted by name) through the inference preprocessing, as pixel_values batches
+    [B, 3, S, S] with B = min(batch_size, number of images). TensorRT calibrates on one fixed shape, so the last batch
+    is filled up with images from the start."""
+    if not directory.is_dir():
+        raise ConfigError(f"calibration directory {directory}: not a directory")
+    paths = sorted(path for path in directory.iterdir() if path.suffix.lower() in CALIBRATION_SUFFIXES and path.is_file())
+    if not paths:
+        raise ConfigError(f"calibration directory {directory}: no images ({', '.join(CALIBRATION_SUFFIXES)})")
+    batch_size = min(batch_size, len(paths))
+    padded = paths + paths[: -len(paths) % batch_size]
+    batches = [image_processor.batch([load_image_file(path) for path in padded[start : start + batch_size]])
+               for start in range(0, len(padded), batch_size)]
+    logger.info("calibration: %d images from %s in %d batches of %d", len(paths), directory, len(batches), batch_size)
+    return batches
+
+
+def calibration_fingerprint(batches: Sequence[torch.Tensor]) -> str:
+    """sha256 of the calibration pixels: what an int8 engine's manifest records it was calibrated on."""
+    digest = hashlib.sha256()
+    for batch in batches:
+        digest.update(batch.to(torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def trt_version() -> tuple[int, int]:
@@ -48,10 +78,11 @@ def build_engine(
     max_batch: int = 8,
     workspace_bytes: int = 1 << 30,
     timing_cache_path: Path | None = None,
-    calibration_images: Sequence[torch.Tensor] = (),
+    calibration: Sequence[torch.Tensor] = (),
     input_name: str = "pixel_values",
 ) -> dict[str, object]:
-    """Build and serialize an engine for `onnx_path`; returns what the artifact manifest records about the build."""
+    """Build and serialize an engine for `onnx_path`; returns what the artifact manifest records about the build.
+    int8 needs `calibration`: pixel_values batches of one shape (`calibration_batches`)."""
     import tensorrt as trt
 
     if precision not in ("fp16", "fp32", "int8"):
@@ -73,17 +104,22 @@ def build_engine(
     profile.set_shape(input_name, (1, *shape), (1, *shape), (max_batch, *shape))
     config.add_optimization_profile(profile)
 
-    pinned = 0
+    details: dict[str, object] = {"max_batch": max_batch, "workspace_bytes": workspace_bytes}
     if precision in ("fp16", "int8"):
         config.set_flag(trt.BuilderFlag.FP16)
         if trt_version() < (8, 6):
-            pinned = _pin_layer_norms_to_fp32(network, config)
+            details["layer_norms_pinned_fp32"] = _pin_layer_norms_to_fp32(network, config)
     if precision == "int8":
-        if not calibration_images:
-            raise ArtifactError("int8 needs calibration images (preprocessed pixel_values)")
+        if not calibration:
+            raise ArtifactError("an int8 engine needs calibration images: build it with "
+                                "`mobilevlm build --vision tensorrt --precision int8 --calibration-dir DIR`")
         config.set_flag(trt.BuilderFlag.INT8)
-        config.int8_calibrator = _entropy_calibrator(calibration_images)
-        config.set_calibration_profile(profile)
+        config.int8_calibrator = _entropy_calibrator(calibration)
+        # Calibration runs at the kOPT shape of its profile, so that profile is the batches' one shape.
+        calibration_profile = builder.create_optimization_profile()
+        calibration_profile.set_shape(input_name, *[tuple(calibration[0].shape)] * 3)
+        config.set_calibration_profile(calibration_profile)
+        details |= {"calibration_images": sum(len(batch) for batch in calibration), "calibration_sha256": calibration_fingerprint(calibration)}
 
     cache = config.create_timing_cache(timing_cache_path.read_bytes() if timing_cache_path and timing_cache_path.is_file() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
@@ -93,7 +129,7 @@ def build_engine(
     engine_path.write_bytes(bytes(serialized))
     if timing_cache_path is not None:
         timing_cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
-    return {"max_batch": max_batch, "workspace_bytes": workspace_bytes, "layer_norms_pinned_fp32": pinned}
+    return details
 
 
 def _pin_layer_norms_to_fp32(network: object, config: object) -> int:
@@ -103,34 +139,38 @@ def _pin_layer_norms_to_fp32(network: object, config: object) -> int:
     count = 0
     for index in range(network.num_layers):
         layer = network.get_layer(index)
-        if any(part in layer.name.lower() for part in _LAYER_NORM_NAMES):
+        outputs = [layer.get_output(i) for i in range(layer.num_outputs)]
+        # Only float layers: a shape or index layer of the same module cannot be made fp32.
+        if any(part in layer.name.lower() for part in _LAYER_NORM_NAMES) and all(t.dtype == trt.float32 for t in outputs):
             layer.precision = trt.float32
-            for output in range(layer.num_outputs):
-                layer.set_output_type(output, trt.float32)
+            for position in range(layer.num_outputs):
+                layer.set_output_type(position, trt.float32)
             count += 1
     config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
     logger.info("pinned %d LayerNorm layers to fp32 (TensorRT < 8.6)", count)
     return count
 
 
-def _entropy_calibrator(images: Sequence[torch.Tensor]) -> object:
-    """A calibrator feeding preprocessed sample images one at a time from torch CUDA buffers."""
+def _entropy_calibrator(batches: Sequence[torch.Tensor]) -> object:
+    """A calibrator feeding the batches through one torch CUDA buffer (the batches stay in host memory)."""
     import tensorrt as trt
 
     class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
         def __init__(self) -> None:
             super().__init__()
-            self.batches = [image.unsqueeze(0).to("cuda", torch.float32).contiguous() for image in images]
+            self.buffer = torch.empty(batches[0].shape, dtype=torch.float32, device="cuda")
             self.position = 0
 
         def get_batch_size(self) -> int:
-            return 1
+            return self.buffer.shape[0]
 
         def get_batch(self, names: list[str]) -> list[int] | None:
-            if self.position == len(self.batches):
+            if self.position == len(batches):
                 return None
+            self.buffer.copy_(batches[self.position])
+            torch.cuda.synchronize()  # TensorRT reads the buffer on its own stream
             self.position += 1
-            return [self.batches[self.position - 1].data_ptr()]
+            return [self.buffer.data_ptr()]  # the graph's one input
 
         def read_calibration_cache(self) -> None:
             return None
@@ -143,10 +183,11 @@ def _entropy_calibrator(images: Sequence[torch.Tensor]) -> object:
 
 def engine_artifact(
     model: MobileLlamaForCausalLM, model_dir: Path, precision: str, engines_dir: Path | None, build: bool,
-    max_batch: int = 8, workspace_bytes: int = 1 << 30, calibration_images: Sequence[torch.Tensor] = (),
+    max_batch: int = 8, workspace_bytes: int = 1 << 30, calibration: Sequence[torch.Tensor] = (),
 ) -> Artifact:
     """The vision engine for this GPU and TensorRT version from the artifact cache, built (from the cached ONNX graph)
-    when missing or stale."""
+    when missing or stale. An int8 engine records what it was calibrated on; a cached one is kept even when other
+    `calibration` batches are given (logged): delete it to recalibrate."""
     import tensorrt as trt
 
     from mobilevlm_ros.export.onnx import onnx_artifact
@@ -167,6 +208,10 @@ def engine_artifact(
     def build_fn(path: Path) -> dict[str, object]:
         graph = onnx_artifact(model, model_dir, engines_dir, build, opset=onnx_opset_for_tensorrt())
         timing_cache = graph.path.with_name(f"timing-{trt.__version__}-{key.device.replace(' ', '_').replace(':', '_')}.cache")
-        return build_engine(graph.path, path, precision, image_size, max_batch, workspace_bytes, timing_cache, calibration_images)
+        return build_engine(graph.path, path, precision, image_size, max_batch, workspace_bytes, timing_cache, calibration)
 
-    return get_or_build(key, build_fn, engines_dir, build)
+    artifact = get_or_build(key, build_fn, engines_dir, build)
+    recorded = artifact.manifest["details"].get("calibration_sha256")
+    if calibration and not artifact.built and recorded != calibration_fingerprint(calibration):
+        logger.warning("%s was calibrated on other images (%s); delete it to recalibrate", artifact.path, recorded)
+    return artifact

@@ -1,7 +1,8 @@
 """Vision backends: pixel_values [B, 3, S, S] -> image embeddings [B, num_image_tokens, hidden], all behind one call.
 
-`torch` runs the loaded modules; `onnxruntime` runs the exported graph (CPU, or CUDA when its provider is there);
-`tensorrt` (runtime/tensorrt.py) runs an engine built on the target GPU. The same graph feeds the last two.
+`torch` runs the loaded modules; `onnxruntime` runs the exported graph, fp32 or int8 (CPU, or CUDA when its provider
+is there); `tensorrt` (runtime/tensorrt.py) runs an engine built on the target GPU. The same graph feeds the last two,
+which replace the torch modules: MobileVLM drops those once the backend's artifact exists.
 """
 
 from pathlib import Path
@@ -33,7 +34,11 @@ class TorchVision:
 
 
 class OnnxRuntimeVision:
-    """An ONNX Runtime session over an exported vision graph (tensor names from export/onnx.py)."""
+    """An ONNX Runtime session over an exported vision graph (tensor names from export/onnx.py).
+
+    It computes with as many threads as torch does (by default both use the physical cores), so the two backends
+    compare on equal terms.
+    """
 
     name = "onnxruntime"
 
@@ -45,6 +50,7 @@ class OnnxRuntimeVision:
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
         options = onnxruntime.SessionOptions()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = self.threads = torch.get_num_threads()
         try:
             self.session = onnxruntime.InferenceSession(str(path), options, providers=providers)
         except Exception as error:  # onnxruntime raises its own exception types for unreadable graphs
