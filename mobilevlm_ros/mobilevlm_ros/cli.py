@@ -48,20 +48,28 @@ def _build(args: argparse.Namespace) -> int:
         from mobilevlm_ros.runtime.vlm import default_device
 
         engines = Path(args.engines_dir) if args.engines_dir else None
+        precision = args.precision or ("fp32" if args.vision == "onnx" else "fp16")
+        if args.calibration_dir and (args.vision, precision) != ("tensorrt", "int8"):
+            raise ConfigError("--calibration-dir is for --vision tensorrt --precision int8 (ONNX int8 needs no calibration)")
         if args.vision == "onnx":
             from mobilevlm_ros.export.onnx import onnx_artifact
 
+            if precision == "fp16":
+                raise ConfigError("an ONNX graph is fp32 or int8 (fp16 is a TensorRT precision)")
             model = load_checkpoint(args.model, with_language_model=False).model
-            artifacts.append(onnx_artifact(model, Path(args.model), engines, build=True))
+            artifacts.append(onnx_artifact(model, Path(args.model), engines, build=True, precision=precision))
         else:
-            from mobilevlm_ros.export.tensorrt import engine_artifact
+            from mobilevlm_ros.export.tensorrt import calibration_batches, engine_artifact
             from mobilevlm_ros.runtime.tensorrt import tensorrt_unavailable_reason
 
+            if precision == "int8" and not args.calibration_dir:
+                raise ConfigError("a TensorRT int8 engine needs --calibration-dir DIR (sample camera images)")
             if reason := tensorrt_unavailable_reason():
                 raise ConfigError(f"cannot build a TensorRT engine here: {reason}")
-            model = load_checkpoint(args.model, device=default_device(), with_language_model=False).model
-            artifacts.append(engine_artifact(model, Path(args.model), args.precision, engines, build=True,
-                                             max_batch=args.max_batch, workspace_bytes=args.workspace_mb << 20))
+            checkpoint = load_checkpoint(args.model, device=default_device(), with_language_model=False)
+            calibration = calibration_batches(Path(args.calibration_dir), checkpoint.image_processor) if args.calibration_dir else []
+            artifacts.append(engine_artifact(checkpoint.model, Path(args.model), precision, engines, build=True,
+                                             max_batch=args.max_batch, workspace_bytes=args.workspace_mb << 20, calibration=calibration))
     rows = []
     for artifact in artifacts:
         manifest = artifact.manifest
@@ -82,10 +90,13 @@ def _bench(args: argparse.Namespace) -> int:
     options = BenchOptions(
         size=args.size, model=args.model, language=args.language, quant=args.quant, vs=tuple(args.vs), new_tokens=args.new_tokens,
         repeats=args.repeats, device=args.device, vision=args.vision, vision_dtype=args.vision_dtype, engines_dir=args.engines_dir,
+        tiles=args.tiles, vision_precision=args.vision_precision,
         **({"work_dir": args.work_dir} if args.work_dir else {}),
     )
     if options.new_tokens < 2 or options.repeats < 1:
         raise PromptError("--new-tokens must be at least 2 (decode speed needs two tokens) and --repeats at least 1")
+    if options.tiles < 0:
+        raise PromptError(f"--tiles must be 0 (off) or a tile budget, got {options.tiles}")
     result = run_bench(options)
     table = markdown(result)
     sys.stdout.write(table)
@@ -154,7 +165,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--language", default="torch", choices=["torch", "llamacpp"], help="language backend (default torch)")
     parser.add_argument("--quant", default="q4_k_s", choices=QUANTS, help="GGUF type for --language llamacpp (default q4_k_s)")
     parser.add_argument("--vision", default="torch", choices=["torch", "onnxruntime", "tensorrt"], help="vision backend (default torch)")
-    parser.add_argument("--precision", default="fp16", choices=["fp16", "fp32", "int8"], help="TensorRT engine precision (default fp16)")
+    parser.add_argument("--precision", default="fp16", choices=["fp16", "fp32", "int8"],
+                        help="vision engine precision: TensorRT fp16 (default), fp32, int8; onnxruntime int8, else fp32")
     parser.add_argument("--engines-dir", default=None, help="artifact cache (default: the package's engines/)")
 
 
@@ -213,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--model", required=True, help="MobileVLM checkpoint directory")
     build.add_argument("--llm", choices=["gguf"], help="what to build for the language model")
     build.add_argument("--vision", choices=["onnx", "tensorrt"], help="what to build for the vision tower + projector")
-    build.add_argument("--precision", default="fp16", choices=["fp16", "fp32", "int8"], help="TensorRT precision (default fp16)")
+    build.add_argument("--precision", default=None, choices=["fp16", "fp32", "int8"],
+                       help="TensorRT: fp16 (default), fp32, int8; ONNX: fp32 (default), int8 (dynamically quantized, for CPUs)")
+    build.add_argument("--calibration-dir", default=None, help="TensorRT int8: a directory of sample images (jpg, png) to calibrate on")
     build.add_argument("--max-batch", type=int, default=8, help="TensorRT profile: largest batch of tiles (default 8)")
     build.add_argument("--workspace-mb", type=int, default=1024, help="TensorRT builder workspace limit (default 1024 MB, fits an 8 GB Orin Nano)")
     build.add_argument("--quant", nargs="+", default=["q4_k_s"], choices=QUANTS, help="GGUF type(s) (default q4_k_s)")
@@ -228,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quant", default="q4_k_s", choices=QUANTS, help="GGUF type (default q4_k_s)")
     bench.add_argument("--vision", default="torch", choices=["torch", "onnxruntime", "tensorrt"],
                        help="our vision backend; other than torch, torch eager is timed beside it (default torch)")
+    bench.add_argument("--vision-precision", default="fp32", choices=["fp16", "fp32", "int8"],
+                       help="precision of --vision onnxruntime (fp32, int8) or tensorrt (default fp32)")
     bench.add_argument("--vs", action="append", default=[], choices=["reference", "llamacpp-plain"], help="baseline to time too (repeatable)")
     bench.add_argument("--new-tokens", type=int, default=64, help="tokens per answer, EOS suppressed (default 64)")
     bench.add_argument("--repeats", type=int, default=3, help="timed runs per pipeline after a warm-up; medians reported (default 3)")
@@ -236,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="dtype of our vision tower and projector (with --language torch: of the whole model)")
     bench.add_argument("--work-dir", default=None, help="where random checkpoints are written and reused (default ~/.cache/mobilevlm_ros/bench)")
     bench.add_argument("--engines-dir", default=None, help="artifact cache (default: <work-dir>/engines, or the package's for --model)")
+    bench.add_argument("--tiles", type=int, default=0,
+                       help="also time tiles mode with this tile budget on a 1920x1080 frame: vision for overview + tiles, prompt tokens, TTFT")
     bench.add_argument("--json", default=None, help="also write the results as JSON to this file")
     bench.add_argument("--markdown", default=None, help="also write the Markdown table to this file")
     bench.set_defaults(run=_bench)

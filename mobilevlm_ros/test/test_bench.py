@@ -52,3 +52,18 @@ def test_bench_refuses_too_few_tokens():
     with pytest.raises(SystemExit):
         main(["bench", "--size", "huge"])
     assert main(["bench", "--size", "tiny", "--new-tokens", "1"]) == 1
+
+
+def test_tiles_adds_the_cost_of_tiles_mode(tmp_path):
+    """`--tiles 4` on the 1920x1080 frame: a 3x1 grid (MiniCPM-V's choice at 336 with a budget of 4), so the vision
+    batch is overview + 3 tiles and the prompt holds 3 more images than the single view."""
+    args = ["bench", "--size", "tiny", "--language", "torch", "--tiles", "4", "--new-tokens", "2", "--repeats", "1",
+            "--work-dir", str(tmp_path), "--json", str(tmp_path / "bench.json"), "--markdown", str(tmp_path / "bench.md")]
+    assert main(args) == 0
+    (ours,) = json.loads((tmp_path / "bench.json").read_text())["pipelines"].values()
+    assert ours["tiles"] == 3
+    assert ours["tiles_prompt_tokens"] >= ours["prompt_tokens"] + 3 * 144
+    assert ours["tiles_vision_ms"] > 0 and ours["tiles_ttft_s"] > 0
+    table = (tmp_path / "bench.md").read_text()
+    assert "| tiles mode: tiles of a 1920x1080 frame | 3 |" in table and "| tiles mode: time to first token (s) |" in table
+    assert main(args[:-4] + ["--tiles", "-1"]) == 1

@@ -68,7 +68,7 @@ def make_image(stamp: Time) -> Image:
 def test_interface_fields() -> None:
     """The interfaces keep the fields the node and its clients rely on."""
     assert set(VisualQuery.Request.get_fields_and_field_types()) == {
-        "question", "camera", "image", "max_new_tokens",
+        "question", "camera", "image", "max_new_tokens", "mode", "roi",
     }
     assert set(VisualQuery.Response.get_fields_and_field_types()) == {
         "success", "answer", "error", "image_stamp", "camera", "latency_s",

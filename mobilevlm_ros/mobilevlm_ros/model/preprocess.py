@@ -5,6 +5,7 @@ PIL here reproduces its pixels exactly (torchvision's resize differs by up to 0.
 """
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Union
@@ -63,6 +64,10 @@ class ImageProcessor:
     def __call__(self, image: ImageInput, channel_order: ChannelOrder = "rgb") -> torch.Tensor:
         """One image -> pixel_values [3, crop_size, crop_size] float32."""
         return self.normalize(np.asarray(self.square(image, channel_order)))
+
+    def batch(self, images: Sequence[ImageInput], channel_order: ChannelOrder = "rgb") -> torch.Tensor:
+        """Several images (an overview and its tiles) -> pixel_values [B, 3, crop_size, crop_size], for one vision call."""
+        return self.normalize(np.stack([np.asarray(self.square(image, channel_order)) for image in images]))
 
     def square(self, image: ImageInput, channel_order: ChannelOrder = "rgb") -> Image.Image:
         """The crop_size x crop_size RGB image the model sees, before normalization (padded, resized, cropped)."""

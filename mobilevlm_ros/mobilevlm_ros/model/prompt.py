@@ -23,11 +23,22 @@ SYSTEM_PROMPT = (
 )
 
 
-def build_prompt(question: str) -> str:
-    """The "v1" template with the image before the question, as upstream's inference script builds it."""
+def build_prompt(question: str, image_text: str = IMAGE_PLACEHOLDER) -> str:
+    """The "v1" template with the image before the question, as upstream's inference script builds it
+    (`image_text`: several images, see `tiled_image_text`)."""
     if not question or not question.strip():
         raise PromptError("question is empty")
-    return f"{SYSTEM_PROMPT} USER: {IMAGE_PLACEHOLDER}\n{question} ASSISTANT:"
+    return f"{SYSTEM_PROMPT} USER: {image_text}\n{question} ASSISTANT:"
+
+
+def tiled_image_text(cols: int, rows: int) -> str:
+    """An overview and a cols x rows grid of tiles, as MiniCPM-V lays them out with text for its slice tokens: the
+    overview, then the tiles row by row, a space between the tiles of a row and "\n" between rows. A 1x1 grid is
+    the overview alone. MobileVLM was trained on one image per prompt, so this layout is new to it."""
+    if (cols, rows) == (1, 1):
+        return IMAGE_PLACEHOLDER
+    row = " ".join([IMAGE_PLACEHOLDER] * cols)
+    return IMAGE_PLACEHOLDER + "\n" + "\n".join([row] * rows)
 
 
 class Tokenizer(Protocol):
@@ -122,6 +133,15 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
 def prefix_ids(tokenizer: Tokenizer) -> list[int]:
     """[BOS] + "{system} USER: ": the "v1" prompt before the image, the same for every question."""
     return [tokenizer.bos_id] + tokenizer.encode(f"{SYSTEM_PROMPT} USER: ")
+
+
+def image_prefix_ids(tokenizer: Tokenizer, image_text: str = IMAGE_PLACEHOLDER) -> list[int]:
+    """`prefix_ids` followed by the image part (IMAGE_TOKEN_INDEX for each image, separators tokenized between
+    them as upstream tokenizes the chunks around `<image>`): everything before the question."""
+    ids = tokenize_with_image(f"{SYSTEM_PROMPT} USER: {image_text}", tokenizer)
+    if ids[-1] != IMAGE_TOKEN_INDEX:
+        raise PromptError(f"image text must end with {IMAGE_PLACEHOLDER}: {image_text!r}")
+    return ids
 
 
 def question_ids(tokenizer: Tokenizer, question: str, first: bool = True) -> list[int]:

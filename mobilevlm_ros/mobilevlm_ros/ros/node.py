@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,9 @@ from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
-from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rclpy.task import Future
-from sensor_msgs.msg import CompressedImage, Image
+from sensor_msgs.msg import CompressedImage, Image, RegionOfInterest
 from std_msgs.msg import String
 
 from mobilevlm_interfaces.action import Ask
@@ -35,7 +36,7 @@ from mobilevlm_ros.demo import DEMO_CHECKPOINT
 from mobilevlm_ros.errors import MobileVLMError
 from mobilevlm_ros.ros.debug_image import draw_caption
 from mobilevlm_ros.ros.diagnostics import RequestStats
-from mobilevlm_ros.ros.frames import Frame, FrameStore
+from mobilevlm_ros.ros.frames import Frame, FrameError, FrameStore
 from mobilevlm_ros.ros.image_conversion import rgb_to_image
 from mobilevlm_ros.ros.parameters import SPECS, declare_parameters, parameter_values
 from mobilevlm_ros.ros.worker import Busy, InferenceWorker, Request, Result
@@ -43,6 +44,12 @@ from mobilevlm_ros.runtime.sampling import SamplingParams
 from mobilevlm_ros.runtime.vlm import MobileVLM
 
 NODE_NAME = "mobilevlm_node"
+
+
+# Requests wait in the middleware until an executor thread takes them. Services default to KEEP_LAST(10): a burst of
+# more than 10 requests would silently drop the oldest, whose clients then never hear back. Keep them all: callbacks
+# answer at once (busy when the queue is full), so the backlog drains.
+REQUEST_QOS = QoSProfile(history=HistoryPolicy.KEEP_ALL, reliability=ReliabilityPolicy.RELIABLE)
 
 
 class ConfigurationError(MobileVLMError):
@@ -90,6 +97,10 @@ class MobileVLMNode(LifecycleNode):
         except MobileVLMError as error:
             self.configure_error = str(error)
             self.get_logger().error(f"configure failed: {error}")
+            return TransitionCallbackReturn.FAILURE
+        except Exception as error:  # a model directory the loader did not foresee must not take the node down
+            self.configure_error = f"{self.params['model_path']}: {type(error).__name__}: {error}"
+            self.get_logger().error(f"configure failed: {self.configure_error}\n{traceback.format_exc()}")
             return TransitionCallbackReturn.FAILURE
         self.configure_error = ""
         self.frames = FrameStore(self.params["cameras"])
@@ -166,12 +177,15 @@ class MobileVLMNode(LifecycleNode):
             (self.destroy_publisher, self.answer_publisher),
             (self.destroy_publisher, self.debug_publisher),
             (self.destroy_subscription, self.create_subscription(String, "~/query", self._on_query, 10)),
-            (self.destroy_service, self.create_service(VisualQuery, "~/vqa", self._on_vqa, callback_group=self._request_group)),
-            (self.destroy_service, self.create_service(NavigationInstruction, "~/navigate", self._on_navigate, callback_group=self._request_group)),
+            (self.destroy_service, self.create_service(VisualQuery, "~/vqa", self._on_vqa, qos_profile=REQUEST_QOS,
+                                                       callback_group=self._request_group)),
+            (self.destroy_service, self.create_service(NavigationInstruction, "~/navigate", self._on_navigate, qos_profile=REQUEST_QOS,
+                                                       callback_group=self._request_group)),
         ]
         action = ActionServer(
             self, Ask, "~/ask", execute_callback=self._execute_ask, goal_callback=self._on_ask_goal,
             cancel_callback=lambda goal: CancelResponse.ACCEPT, callback_group=self._request_group,
+            goal_service_qos_profile=REQUEST_QOS, result_service_qos_profile=REQUEST_QOS, cancel_service_qos_profile=REQUEST_QOS,
         )
         self._active_entities.append((ActionServer.destroy, action))
 
@@ -203,8 +217,10 @@ class MobileVLMNode(LifecycleNode):
         return store
 
     def _request(self, text: str, camera: str, image: Image | None = None, actions: list[str] | None = None,
-                 max_new_tokens: int = 0, **kwargs: Any) -> Request:
-        """A worker request with its frame resolved now (the latest one at request time); raises MobileVLMError."""
+                 max_new_tokens: int = 0, mode: str = "", roi: RegionOfInterest | None = None, **kwargs: Any) -> Request:
+        """A worker request with its frame resolved now (the latest one at request time); raises MobileVLMError.
+        A question is seen as `mode` (empty: crop when `roi` has a size, else the image_mode parameter); the mode and
+        region are checked against the frame on the worker."""
         if self.worker is None:
             raise MobileVLMError("node is not active")
         what = "instruction" if actions is not None else "question"
@@ -219,6 +235,9 @@ class MobileVLMNode(LifecycleNode):
         else:
             frame = self.frames.latest(camera, now, self.get_parameter("max_frame_age_s").value)
         params = SamplingParams(max_new_tokens=max_new_tokens or self.params["max_new_tokens"], temperature=self.get_parameter("temperature").value)
+        region = (roi.x_offset, roi.y_offset, roi.width, roi.height) if roi is not None and (roi.width or roi.height) else None
+        if actions is None:
+            kwargs |= {"mode": mode or ("crop" if region else self.params["image_mode"]), "roi": region, "max_tiles": self.params["max_tiles"]}
         return Request(camera, text, frame, list(actions or []), params, timeout_s=self.get_parameter("request_timeout_s").value, **kwargs)
 
     def _submit(self, make_request: Callable[[Callable[[Result], None]], Request]) -> tuple[Future, Request | None]:
@@ -244,7 +263,8 @@ class MobileVLMNode(LifecycleNode):
     @tracked
     async def _on_vqa(self, request: VisualQuery.Request, response: VisualQuery.Response) -> VisualQuery.Response:
         future, queued = self._submit(lambda done: self._request(
-            request.question, request.camera, request.image, max_new_tokens=request.max_new_tokens, done=done))
+            request.question, request.camera, request.image, max_new_tokens=request.max_new_tokens, mode=request.mode,
+            roi=request.roi, done=done))
         result: Result = await future
         self._fill(response, result, queued, request.camera)
         response.answer = result.answer
@@ -279,7 +299,7 @@ class MobileVLMNode(LifecycleNode):
             goal_handle.publish_feedback(Ask.Feedback(partial_answer=text, generated_tokens=tokens))
 
         future, queued = self._submit(lambda done: self._request(
-            goal.question, goal.camera, goal.image, max_new_tokens=goal.max_new_tokens, done=done,
+            goal.question, goal.camera, goal.image, max_new_tokens=goal.max_new_tokens, mode=goal.mode, roi=goal.roi, done=done,
             on_text=feedback, cancelled=lambda: goal_handle.is_cancel_requested))
         result: Result = await future
         response = Ask.Result()
@@ -332,7 +352,7 @@ class MobileVLMNode(LifecycleNode):
     # ---- diagnostics ------------------------------------------------------------------------------------------------
 
     def _publish_diagnostics(self) -> None:
-        status = DiagnosticStatus(name=f"{self.get_name()}: inference", hardware_id="mobilevlm")
+        status = DiagnosticStatus(name=f"{self.get_fully_qualified_name()}: inference", hardware_id="mobilevlm")
         values = {"lifecycle state": self._state_machine.current_state[1]}
         if self.configure_error:
             status.level, status.message = DiagnosticStatus.ERROR, f"not configured: {self.configure_error}"
@@ -345,17 +365,33 @@ class MobileVLMNode(LifecycleNode):
                        "vision backend": self.vlm.vision.name, "language backend": self.vlm.language.name,
                        "device": str(self.vlm.device)}
         if self.worker is not None:
-            values |= {"queue depth": str(self.worker.depth), "max queue": str(self.worker.max_queue), "busy": str(self.worker.busy)}
+            values |= {"queue depth": str(self.worker.depth), "max queue depth": str(self.worker.max_depth),
+                       "max queue": str(self.worker.max_queue), "busy": str(self.worker.busy)}
         if self.frames is not None:
             now = self.get_clock().now().nanoseconds
             for camera, stats in self.frames.snapshot().items():
                 values[f"camera {camera}: frames"] = str(stats.frames)
                 values[f"camera {camera}: age (s)"] = f"{(now - stats.last.stamp_ns) / 1e9:.2f}" if stats.last else "no frame yet"
+            if status.level == DiagnosticStatus.OK and (silent := self._silent_cameras(now)):
+                status.level, status.message = DiagnosticStatus.WARN, "; ".join(silent)
         values |= self.stats.summary()
         status.values = [KeyValue(key=key, value=value) for key, value in values.items()]
         array = DiagnosticArray(status=[status])
         array.header.stamp = self.get_clock().now().to_msg()
         self._diagnostics.publish(array)
+
+    def _silent_cameras(self, now_ns: int) -> list[str]:
+        """Why each camera has no usable frame (by the same max_frame_age_s rule as requests); empty when all do."""
+        max_age_s = self.get_parameter("max_frame_age_s").value
+        if not max_age_s:
+            return []
+        silent = []
+        for camera in self.frames.cameras:
+            try:
+                self.frames.latest(camera, now_ns, max_age_s)
+            except FrameError as error:
+                silent.append(str(error))
+        return silent
 
 
 def main(args: list[str] | None = None) -> int:

@@ -45,6 +45,13 @@ SPECS = (
     Spec("engines_dir", "", "Directory for built artifacts (GGUF, engines); empty = the package's engines/ directory."),
     Spec("max_new_tokens", 64, "Default answer length limit in tokens (a request's max_new_tokens overrides it).", int_range=(1, 2048)),
     Spec("temperature", 0.0, "Sampling temperature; 0 = greedy (deterministic).", float_range=(0.0, 2.0), dynamic=True),
+    Spec("image_mode", "overview",
+         "How a question sees the frame when its request names no mode: overview (the whole frame at the vision tower's "
+         "resolution, as upstream), tiles (overview and tiles in one prompt) or per_tile (each tile asked, the most "
+         "confident answer kept). A request's roi means crop; ~/navigate always uses the overview.",
+         choices=("overview", "tiles", "per_tile")),
+    Spec("max_tiles", 6, "Tile budget of tiles and per_tile (MiniCPM-V's grid choice over tiles of the vision tower's size); "
+         "tiles puts (1 + tiles) x the image tokens in the prompt.", int_range=(1, 32)),
     Spec("max_question_chars", 2000, "Longer questions are refused with an error.", int_range=(1, 1_000_000)),
     Spec("navigation_actions", list(NAVIGATION_ACTIONS), "Actions ~/navigate chooses from when a request names none."),
     Spec("navigation_prompt", NAVIGATION_PROMPT,

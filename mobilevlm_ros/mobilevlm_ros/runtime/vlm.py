@@ -2,22 +2,41 @@
 
 import logging
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
+from PIL import Image
 
 from mobilevlm_ros.errors import ConfigError, PromptError
 from mobilevlm_ros.model.checkpoint import LoadedCheckpoint, load_checkpoint
 from mobilevlm_ros.model.mobilevlm import MobileLlamaForCausalLM
-from mobilevlm_ros.model.preprocess import ChannelOrder, ImageInput
-from mobilevlm_ros.model.prompt import build_prompt, tokenize_with_image
+from mobilevlm_ros.model.preprocess import ChannelOrder, ImageInput, to_pil_rgb
+from mobilevlm_ros.model.prompt import IMAGE_PLACEHOLDER, build_prompt, tiled_image_text, tokenize_with_image
+from mobilevlm_ros.model.tiling import DEFAULT_MAX_TILES, Box, Grid, roi_box, tile_boxes, tile_grid
 from mobilevlm_ros.runtime.language import LanguageBackend, TorchLanguageModel
 from mobilevlm_ros.runtime.sampling import SamplingParams
-from mobilevlm_ros.runtime.session import Session
+from mobilevlm_ros.runtime.session import PerTileSession, Session
 from mobilevlm_ros.runtime.vision import OnnxRuntimeVision, TorchVision, VisionBackend
 
 logger = logging.getLogger(__name__)
+
+# How a frame is shown to the model: the whole frame at the tower's resolution (upstream); that overview and the
+# tiles of the frame in one prompt; each tile asked on its own; a region of interest at full resolution.
+IMAGE_MODES = ("overview", "tiles", "per_tile", "crop")
+Roi = tuple[int, int, int, int]  # x, y, width, height in pixels of the frame
+
+
+@dataclass(frozen=True)
+class FrameViews:
+    """What the vision backend sees of one frame in one mode (one batch), and how the prompt holds it."""
+
+    images: list[Image.Image]
+    image_text: str  # the prompt's image part when all images go in one prompt: `<image>`s and separators
+    boxes: list[Box | None]  # where each image lies in the frame; None = the whole frame
+    grid: Grid  # the frame's tile grid (1x1 when it fits in one view)
 
 
 def default_device() -> torch.device:
@@ -35,25 +54,41 @@ def vision_backend(
     if name == "onnxruntime":
         from mobilevlm_ros.export.onnx import onnx_artifact
 
-        return OnnxRuntimeVision(onnx_artifact(model, model_dir, engines, build).path, device)
+        # fp16 is TensorRT's precision: ONNX Runtime on a CPU has no fast fp16 kernels, so it runs the fp32 graph.
+        graph = onnx_artifact(model, model_dir, engines, build, precision="int8" if precision == "int8" else "fp32").path
+        drop_torch_vision(model)
+        return OnnxRuntimeVision(graph, device)
     if name == "tensorrt":
         from mobilevlm_ros.export.tensorrt import engine_artifact
         from mobilevlm_ros.runtime.tensorrt import TensorRTVision, tensorrt_unavailable_reason
 
         if reason := tensorrt_unavailable_reason():
             raise ConfigError(f"vision backend tensorrt cannot run here: {reason}")
-        return TensorRTVision(engine_artifact(model, model_dir, precision, engines, build).path, device)
+        engine = engine_artifact(model, model_dir, precision, engines, build).path
+        drop_torch_vision(model)
+        return TensorRTVision(engine, device)
     raise ConfigError(f"unknown vision backend {name!r} (expected torch, onnxruntime or tensorrt)")
 
 
+def drop_torch_vision(model: MobileLlamaForCausalLM) -> None:
+    """Free the torch vision tower and projector once an ONNX graph or an engine does their work: nothing else uses
+    them, and keeping them would hold the vision weights twice (1.2 GB for CLIP ViT-L in fp32)."""
+    model.model.vision_tower = None
+    model.model.mm_projector = None
+
+
 class MobileVLM:
-    """A loaded MobileVLM: the torch vision path (tower + projector) and a language backend."""
+    """A loaded MobileVLM: a vision backend (tower + projector) and a language backend."""
 
     def __init__(self, checkpoint: LoadedCheckpoint, language: LanguageBackend | None = None, vision: VisionBackend | None = None):
         self.model = checkpoint.model
         self.tokenizer = checkpoint.tokenizer
         self.image_processor = checkpoint.image_processor
         self.config = checkpoint.config
+        projector = next(self.model.model.mm_projector.parameters())
+        # Where image embeddings go and in what dtype, kept when another vision backend replaces the torch modules.
+        self.device: torch.device = projector.device
+        self.vision_dtype: torch.dtype = projector.dtype
         self.language = language or TorchLanguageModel(self.model, self.config.context_length)
         self.vision = vision or TorchVision(self.model)
 
@@ -77,8 +112,10 @@ class MobileVLM:
         cache in `engines_dir`, built there first when missing or stale (or an ArtifactError with `build=False`).
         Then only the vision tower and projector are loaded into torch, in `dtype` on `device`. Its sessions share one
         KV buffer of the context length, at most 4 open at once (BackendError beyond; a dropped session frees its place).
-        `vision="onnxruntime"` runs the exported vision graph, `vision="tensorrt"` an engine built for this GPU in
-        `vision_precision`; both come from the same artifact cache. `int8` quantizes the torch LLM's weights.
+        `vision="onnxruntime"` runs the exported vision graph (`vision_precision="int8"`: its int8 version, else fp32),
+        `vision="tensorrt"` an engine built for this GPU in `vision_precision` (int8 engines are built beforehand by
+        `mobilevlm build --calibration-dir`); both come from the same artifact cache and replace the torch tower and
+        projector, which are then freed. `int8` quantizes the torch LLM's weights.
         """
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
@@ -102,24 +139,52 @@ class MobileVLM:
         )
         return vlm
 
-    @property
-    def device(self) -> torch.device:
-        """Where the vision path runs (the language backend may keep the LLM elsewhere)."""
-        return next(self.model.model.mm_projector.parameters()).device
-
-    @property
-    def vision_dtype(self) -> torch.dtype:
-        return next(self.model.model.mm_projector.parameters()).dtype
-
     @torch.inference_mode()
+    def encode_images(self, images: Sequence[ImageInput], channel_order: ChannelOrder = "rgb") -> torch.Tensor:
+        """Images -> their embeddings [len(images), num_image_tokens, hidden], in one call of the vision backend."""
+        return self.vision(self.image_processor.batch(images, channel_order)).to(self.device, self.vision_dtype)
+
     def encode_image(self, image: ImageInput, channel_order: ChannelOrder = "rgb") -> torch.Tensor:
         """One image -> its embeddings [1, num_image_tokens, hidden]."""
-        pixel_values = self.image_processor(image, channel_order).unsqueeze(0)
-        return self.vision(pixel_values).to(self.device, self.vision_dtype)
+        return self.encode_images([image], channel_order)
 
-    def session(self, image: ImageInput, channel_order: ChannelOrder = "rgb", keep_history: bool = False) -> Session:
-        """Encode `image` and prefill [system prompt + image] once, for any number of questions about it."""
-        return Session(self.language, self.tokenizer, self.encode_image(image, channel_order)[0], keep_history)
+    def views(
+        self, image: ImageInput, mode: str = "overview", roi: Roi | None = None, max_tiles: int = DEFAULT_MAX_TILES,
+        channel_order: ChannelOrder = "rgb",
+    ) -> FrameViews:
+        """The images `mode` shows the model of `image` (see IMAGE_MODES). Tiles are cells of MiniCPM-V's grid
+        choice over the vision tower's image size with a `max_tiles` budget (model/tiling.py); `roi` is only for
+        `crop`, which needs one. A bad mode raises PromptError, a region outside the frame ImageError."""
+        if mode not in IMAGE_MODES:
+            raise PromptError(f"unknown image mode {mode!r} (expected {', '.join(IMAGE_MODES)})")
+        if (roi is not None) != (mode == "crop"):
+            raise PromptError("mode crop needs a region of interest" if mode == "crop" else f"a region of interest is only used by mode crop, not {mode}")
+        frame = to_pil_rgb(image, channel_order)
+        grid = tile_grid(frame.size, self.image_processor.crop_size, max_tiles)
+        if mode == "crop":
+            box = roi_box(roi, frame.size)
+            return FrameViews([frame.crop(box)], IMAGE_PLACEHOLDER, [box], grid)
+        boxes = tile_boxes(frame.size, grid) if grid != (1, 1) else []
+        tiles = [frame.crop(box) for box in boxes]
+        if mode == "tiles":
+            return FrameViews([frame, *tiles], tiled_image_text(*grid), [None, *boxes], grid)
+        if mode == "per_tile":
+            return FrameViews(tiles or [frame], IMAGE_PLACEHOLDER, boxes or [(0, 0, *frame.size)], grid)
+        return FrameViews([frame], IMAGE_PLACEHOLDER, [None], grid)
+
+    def session(
+        self, image: ImageInput, channel_order: ChannelOrder = "rgb", keep_history: bool = False, mode: str = "overview",
+        roi: Roi | None = None, max_tiles: int = DEFAULT_MAX_TILES,
+    ) -> Session | PerTileSession:
+        """Encode `image` as `mode` shows it (one vision call) and prefill [system prompt + image part] once, for any
+        number of questions about it. `per_tile` gives a PerTileSession (ask only; no history)."""
+        if mode == "per_tile" and keep_history:
+            raise PromptError("per_tile asks each tile on its own and keeps no history")
+        views = self.views(image, mode, roi, max_tiles, channel_order)
+        embeds = self.encode_images(views.images)
+        if mode == "per_tile":
+            return PerTileSession(self.language, self.tokenizer, embeds, views.boxes)
+        return Session(self.language, self.tokenizer, embeds, keep_history, image_text=views.image_text)
 
     def ask(
         self,
@@ -129,15 +194,19 @@ class MobileVLM:
         temperature: float = 0.0,
         seed: int | None = None,
         channel_order: ChannelOrder = "rgb",
+        mode: str = "overview",
+        roi: Roi | None = None,
+        max_tiles: int = DEFAULT_MAX_TILES,
     ) -> str:
-        """Answer `question` about `image` (greedy by default, like upstream's benchmarks)."""
+        """Answer `question` about `image` (greedy by default, like upstream's benchmarks). `mode` (IMAGE_MODES):
+        "overview" (upstream's one padded view), "tiles", "per_tile" or "crop" with `roi` = (x, y, width, height)."""
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
         build_prompt(question)  # an empty question fails before the image is encoded
-        return self.session(image, channel_order).ask(question, params).text
+        return self.session(image, channel_order, mode=mode, roi=roi, max_tiles=max_tiles).ask(question, params).text
 
-    def prompt_ids(self, question: str) -> list[int]:
-        """The whole "v1" prompt's token ids, with the image placeholder where the image embeddings go."""
-        return tokenize_with_image(build_prompt(question), self.tokenizer)
+    def prompt_ids(self, question: str, image_text: str = IMAGE_PLACEHOLDER) -> list[int]:
+        """The whole "v1" prompt's token ids, with an image placeholder where each image's embeddings go."""
+        return tokenize_with_image(build_prompt(question, image_text), self.tokenizer)
 
     @torch.inference_mode()
     def prompt_embeds(self, input_ids: list[int], image_embeds: torch.Tensor) -> torch.Tensor:
