@@ -23,12 +23,12 @@ def trained(tmp_path_factory) -> Path:
 def test_the_recipe_writes_a_checkpoint_in_the_official_layout(trained):
     config = json.loads((trained / "config.json").read_text())
     assert config["model_type"] == "mobilevlm" and config["architectures"] == ["MobileLlamaForCausalLM"]
-    assert config["mm_projector_type"] == "ldpnetv2" and config["mm_vision_tower"] == TOWER_DIR
+    assert config["mm_projector_type"] == "ldpnet" and config["mm_vision_tower"] == TOWER_DIR
     assert {p.name for p in trained.iterdir()} == {"config.json", "model.safetensors", "tokenizer.model", TOWER_DIR, "training.json"}
     with safe_open(trained / "model.safetensors", "pt") as weights:
         keys = set(weights.keys())
         assert {weights.get_tensor(key).dtype for key in keys} == {torch.float16}
-    assert {"model.mm_projector.mlp.mlp.0.weight", "model.mm_projector.peg.peg.0.bias", "lm_head.weight",
+    assert {"model.mm_projector.model.mlp.1.weight", "model.mm_projector.model.mb_block.2.block.1.fc2.weight", "lm_head.weight",
             "model.vision_tower.vision_tower.vision_model.embeddings.patch_embedding.weight"} <= keys
     assert json.loads((trained / "training.json").read_text())["recipe"]["instruct_steps"] == MICRO.instruct_steps
 

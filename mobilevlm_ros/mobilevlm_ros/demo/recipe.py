@@ -12,6 +12,6 @@ class Recipe:
     vision_steps: int = 250
     text_steps: int = 250
     align_steps: int = 150
-    instruct_steps: int = 900
+    instruct_steps: int = 2000
     learning_rate: float = 1e-3
-    instruct_learning_rate: float = 5e-4
+    instruct_learning_rate: float = 1e-3

@@ -2,7 +2,8 @@
 
 MobileVLM trains in two stages on top of a pretrained CLIP and MobileLLaMA; a tiny model has neither, so two
 from-scratch pretraining steps come first:
-  0a. vision tower: every patch feature predicts the colour and the shape under it (dense labels from the world);
+  0a. vision tower: every patch feature predicts the colour, kind, position and nearness of the shape under it
+      (dense labels from the world);
   0b. language model: the same conversations as text, with the scene's caption where the image will go;
   1.  projector only, tower and LLM frozen: image -> caption (MobileVLM's pretraining stage);
   2.  projector + LLM, tower frozen: instruction tuning on every question kind and on navigation, loss on the answer
@@ -33,7 +34,7 @@ from transformers import CLIPVisionConfig
 
 from mobilevlm_ros.demo.recipe import Recipe
 from mobilevlm_ros.demo.world import (
-    CAPTION_QUESTION, COLOURS, QUESTION_KINDS, SHAPES, Sample, Scene, caption, draw_shape, navigation_answer, navigation_sample,
+    CAPTION_QUESTION, COLOURS, POSITIONS, QUESTION_KINDS, SHAPES, Sample, Scene, caption, draw_shape, navigation_answer, navigation_sample,
     prompt_question, question, random_scene, render,
 )
 from mobilevlm_ros.model.config import parse_config
@@ -85,11 +86,13 @@ def train_tokenizer(path: Path, seed: int, vocab_size: int = 512) -> SentencePie
 
 
 def checkpoint_config(vocab_size: int) -> dict:
-    """config.json as MobileVLM V2 writes it: LLaMA fields plus mm_* (LDPv2 projector, tower in a local directory)."""
+    """config.json as MobileVLM writes it: LLaMA fields plus mm_* (tower in a local directory). The projector is v1's
+    LDP: its stride-2 block halves the tiny tower's 12x12 grid to 36 image tokens (LDPv2 would keep 144), so the
+    4-layer LLM searches a quarter as many tokens for the shape a question names."""
     return {
         "architectures": ["MobileLlamaForCausalLM"], "model_type": "mobilevlm", "torch_dtype": "float16",
         "vocab_size": vocab_size, **LANGUAGE,
-        "mm_vision_tower": TOWER_DIR, "vision_tower_type": "clip", "mm_projector_type": "ldpnetv2",
+        "mm_vision_tower": TOWER_DIR, "vision_tower_type": "clip", "mm_projector_type": "ldpnet",
         "mm_hidden_size": VISION["hidden_size"], "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
         "image_aspect_ratio": "pad", "mm_use_im_start_end": False, "mm_use_im_patch_token": False,
     }
@@ -103,19 +106,30 @@ def build_model(vocab_size: int, seed: int) -> MobileLlamaForCausalLM:
 
 # --- data ------------------------------------------------------------------------------------------------------------
 
+# What every patch feature of the tower learns to predict in stage 0a, about the shape covering the patch (0 = none):
+# enough for the language model to find a shape by colour and kind and read where it is and how close.
+PATCH_ATTRIBUTES = {
+    "colour": lambda scene, shape: 1 + list(COLOURS).index(shape.colour),
+    "shape": lambda scene, shape: 1 + SHAPES.index(shape.kind),
+    "position": lambda scene, shape: 1 + POSITIONS.index(scene.position(shape)),
+    "near": lambda scene, shape: 1 + scene.is_near(shape),
+}
+ATTRIBUTE_CLASSES = {"colour": len(COLOURS) + 1, "shape": len(SHAPES) + 1, "position": len(POSITIONS) + 1, "near": 3}
+
+
 @dataclass
 class Pool:
-    """The training scenes and the square uint8 images the model sees of them (pad + resize done once)."""
+    """The training scenes, the square uint8 images the model sees of them (pad + resize done once) and their dense
+    patch labels."""
 
     scenes: list[Scene]
     pixels: np.ndarray  # [N, S, S, 3] uint8
-    colour_labels: np.ndarray  # [N, patches] 0 = background, else 1 + index in COLOURS
-    shape_labels: np.ndarray  # [N, patches] 0 = background, else 1 + index in SHAPES
+    labels: dict[str, np.ndarray]  # PATCH_ATTRIBUTES name -> [N, patches]
 
 
-def patch_labels(scene: Scene, processor: ImageProcessor, patch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Colour and shape under each patch (the shape covering most of it, if it covers a quarter), in the geometry of
-    the processed image (same pad and resize, nearest-neighbour)."""
+def patch_labels(scene: Scene, processor: ImageProcessor, patch_size: int) -> dict[str, np.ndarray]:
+    """PATCH_ATTRIBUTES of the shape under each patch (the one covering most of it, if it covers a quarter), in the
+    geometry of the processed image (same pad and resize, nearest-neighbour)."""
     mask = Image.new("L", (scene.width, scene.height), 0)
     draw = ImageDraw.Draw(mask)
     for index, shape in enumerate(scene.shapes, start=1):
@@ -128,11 +142,9 @@ def patch_labels(scene: Scene, processor: ImageProcessor, patch_size: int) -> tu
     counts = np.stack([(patches == index).sum(axis=1) for index in range(len(scene.shapes) + 1)], axis=1)
     owner = counts[:, 1:].argmax(axis=1) + 1 if len(scene.shapes) else np.zeros(len(patches), dtype=int)
     covered = counts[np.arange(len(patches)), owner] >= patch_size * patch_size / 4
-    colour_ids = {name: index + 1 for index, name in enumerate(COLOURS)}
-    shape_ids = {name: index + 1 for index, name in enumerate(SHAPES)}
-    colours = np.array([0] + [colour_ids[s.colour] for s in scene.shapes])[np.where(covered, owner, 0)]
-    kinds = np.array([0] + [shape_ids[s.kind] for s in scene.shapes])[np.where(covered, owner, 0)]
-    return colours, kinds
+    owner = np.where(covered, owner, 0)
+    return {name: np.array([0] + [value(scene, shape) for shape in scene.shapes])[owner]
+            for name, value in PATCH_ATTRIBUTES.items()}
 
 
 def make_pool(count: int, seed: int, processor: ImageProcessor, patch_size: int) -> Pool:
@@ -141,7 +153,7 @@ def make_pool(count: int, seed: int, processor: ImageProcessor, patch_size: int)
     scenes = [navigation_sample(rng)[0] if index % 3 == 2 else random_scene(rng) for index in range(count)]
     pixels = np.stack([np.asarray(processor.square(render(scene))) for scene in scenes])
     labels = [patch_labels(scene, processor, patch_size) for scene in scenes]
-    return Pool(scenes, pixels, np.stack([c for c, _ in labels]), np.stack([k for _, k in labels]))
+    return Pool(scenes, pixels, {name: np.stack([row[name] for row in labels]) for name in PATCH_ATTRIBUTES})
 
 
 def draw_turns(rng: random.Random, scene: Scene, turns: int) -> list[Sample]:
@@ -234,19 +246,16 @@ def train(out_dir: str | Path, recipe: Recipe = Recipe()) -> Path:
     def batch_indices() -> list[int]:
         return [rng.randrange(len(pool.scenes)) for _ in range(recipe.batch_size)]
 
-    # 0a. vision tower: dense colour and shape labels
-    colour_head, shape_head = nn.Linear(VISION["hidden_size"], len(COLOURS) + 1), nn.Linear(VISION["hidden_size"], len(SHAPES) + 1)
+    # 0a. vision tower: dense labels of the shape under each patch
+    heads = nn.ModuleDict({name: nn.Linear(VISION["hidden_size"], classes) for name, classes in ATTRIBUTE_CLASSES.items()})
 
     def vision_loss(step: int) -> torch.Tensor:
         indices = batch_indices()
-        features = tower(processor.normalize(pool.pixels[indices]))
-        colours = torch.from_numpy(pool.colour_labels[indices]).long()
-        kinds = torch.from_numpy(pool.shape_labels[indices]).long()
-        return (F.cross_entropy(colour_head(features).flatten(0, 1), colours.flatten())
-                + F.cross_entropy(shape_head(features).flatten(0, 1), kinds.flatten()))
+        features = tower(processor.normalize(pool.pixels[indices])).flatten(0, 1)
+        return sum(F.cross_entropy(head(features), torch.from_numpy(pool.labels[name][indices]).long().flatten())
+                   for name, head in heads.items())
 
-    optimize("0a vision", [*tower.parameters(), *colour_head.parameters(), *shape_head.parameters()],
-             recipe.vision_steps, recipe.learning_rate, vision_loss)
+    optimize("0a vision", [*tower.parameters(), *heads.parameters()], recipe.vision_steps, recipe.learning_rate, vision_loss)
     tower.requires_grad_(False).eval()
     with torch.no_grad():
         features = torch.cat([tower(processor.normalize(pool.pixels[i : i + 64])) for i in range(0, len(pool.scenes), 64)])

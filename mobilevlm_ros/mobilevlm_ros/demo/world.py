@@ -25,6 +25,7 @@ COLOURS = {
 }
 BACKGROUNDS = ((200, 200, 200), (225, 215, 190), (190, 205, 215), (160, 160, 150), (235, 235, 228), (205, 190, 175))
 FRAME_SIZES = ((336, 336), (320, 240), (400, 300), (480, 360), (640, 480), (640, 360), (300, 400))
+POSITIONS = ("left", "centre", "right")
 CENTRE_BAND = (0.38, 0.62)  # horizontal centre, as a fraction of the width: left of it "left", right of it "right"
 BOUNDARY_MARGIN = 0.04  # no shape centre this close to a band edge
 SIZE_RANGE = (0.12, 0.28)  # a shape's side, as a fraction of the frame's short side
@@ -231,6 +232,25 @@ def navigation_sample(rng: random.Random) -> tuple[Scene, Sample]:
     instruction = rng.choice(("Go to the {n}.", "Navigate to the {n}.", "Drive to the {n}.", "Move towards the {n}."))
     sample = Sample("navigation", instruction.format(n=f"{colour} {kind}"), navigation_answer(scene, colour, kind))
     return scene, sample
+
+
+HIGH_RESOLUTION = (1920, 1080)
+SMALL_SIZE_PX = (12, 16)  # a far object: a few pixels once the whole frame is shrunk to the tower's 336x336
+SMALL_ROI_PX = 64  # side of the region of interest around it (a detector's box with context)
+
+
+def small_object_sample(rng: random.Random) -> tuple[Scene, Sample, tuple[int, int, int, int]]:
+    """A HIGH_RESOLUTION scene of one small shape, a colour question about it, and a region of interest
+    (x, y, width, height) of SMALL_ROI_PX that holds the shape somewhere inside (not always centred)."""
+    width, height = HIGH_RESOLUTION
+    size = rng.uniform(*SMALL_SIZE_PX)
+    x, y = rng.uniform(SMALL_ROI_PX, width - SMALL_ROI_PX), rng.uniform(SMALL_ROI_PX, height - SMALL_ROI_PX)
+    shape = Shape(rng.choice(SHAPES), rng.choice(list(COLOURS)), x, y, size)
+    scene = Scene(width, height, rng.choice(BACKGROUNDS), (shape,), rng.randrange(2**31))
+    slack = (SMALL_ROI_PX - size) / 2 - 2  # how far the box may shift with the shape still inside it
+    left = round(x - SMALL_ROI_PX / 2 + rng.uniform(-slack, slack))
+    top = round(y - SMALL_ROI_PX / 2 + rng.uniform(-slack, slack))
+    return scene, question(rng, scene, "colour"), (left, top, SMALL_ROI_PX, SMALL_ROI_PX)
 
 
 def prompt_question(sample: Sample) -> str:

@@ -88,7 +88,7 @@ def load_checkpoint(
     elif not stored:
         where = f"{tower_dir} has no weights" if tower_dir else f"{config.mm_vision_tower!r} is not a local directory"
         raise CheckpointError(f"{model_dir}: no vision tower weights: none stored in the checkpoint and {where}")
-    elif not config.is_v2:
+    elif not config.is_v2 and tower_dir is None:
         logger.warning("v1 checkpoint: %r is not on disk; using the vision tower weights stored in the checkpoint", config.mm_vision_tower)
 
     with no_init_weights():
