@@ -28,7 +28,7 @@ from mobilevlm_interfaces.msg import Answer
 from mobilevlm_interfaces.srv import NavigationInstruction, VisualQuery
 from mobilevlm_ros.errors import ImageError
 from mobilevlm_ros.ros.diagnostics import error_kind
-from mobilevlm_ros.ros.image_conversion import MAX_PIXELS, compressed_to_rgb, image_to_rgb
+from mobilevlm_ros.ros.image_conversion import MAX_PIXELS, MAX_SIDE, compressed_to_rgb, image_to_rgb
 from test_node import FRAME, Harness, encode, node_parameters
 
 pytestmark = pytest.mark.reliability
@@ -77,7 +77,7 @@ def raw_images(draw: Any) -> Image:
 def is_consistent(msg: Image) -> bool:
     """Whether a correct converter must accept `msg`."""
     bpp = BYTES_PER_PIXEL.get(msg.encoding)
-    return (bpp is not None and 0 < msg.width * msg.height <= MAX_PIXELS and msg.step >= msg.width * bpp
+    return (bpp is not None and 0 < msg.width * msg.height <= MAX_PIXELS and max(msg.width, msg.height) <= MAX_SIDE and msg.step >= msg.width * bpp
             and len(msg.data) == msg.step * msg.height and not (bpp == 2 and msg.encoding != "mono16" and msg.width % 2))
 
 

@@ -17,6 +17,7 @@ from std_msgs.msg import Header
 from mobilevlm_ros.errors import ImageError
 from mobilevlm_ros.ros.image_conversion import (
     MAX_PIXELS,
+    MAX_SIDE,
     SUPPORTED_ENCODINGS,
     compressed_to_rgb,
     image_to_rgb,
@@ -189,6 +190,8 @@ def test_rgb_to_image_rejects_non_rgb8_frames(frame: np.ndarray) -> None:
             _message("rgb8", 8193, 8192, 8193 * 3, b""),
             f"image is 8193x8192 = {8193 * 8192} pixels, more than the limit of {MAX_PIXELS}",
         ),
+        # Within MAX_PIXELS but 48384 wide: padded to a square it would be 7 GB.
+        (_message("rgb8", 48384, 1033, 48384 * 3, b""), f"image is 48384x1033: a side is longer than the limit of {MAX_SIDE} pixels"),
     ],
     ids=lambda value: value if isinstance(value, str) else None,
 )
@@ -225,6 +228,9 @@ def test_compressed_size_is_checked_from_the_header(extension: str) -> None:
         compressed_to_rgb(_compressed(_with_size(data, 60000, 60000), "x"))
     with pytest.raises(ImageError, match=re.escape("image is empty (0x24)")):
         compressed_to_rgb(_compressed(_with_size(data, 0, 24), "x"))
+    # The fuzzer's find: a JPEG claiming 48384 x 1033, fewer pixels than MAX_PIXELS, stalled the worker for 20 s.
+    with pytest.raises(ImageError, match=re.escape(f"a side is longer than the limit of {MAX_SIDE} pixels")):
+        compressed_to_rgb(_compressed(_with_size(data, 48384, 1033), "x"))
 
 
 def test_invalid_compressed_image_is_rejected() -> None:

@@ -20,6 +20,9 @@ from mobilevlm_ros.errors import ImageError
 
 # 8192 x 8192: far above any camera we expect, small enough that a lying message cannot make us allocate gigabytes.
 MAX_PIXELS = 8192 * 8192
+# Each side too: preprocessing pads a frame to a square of its longer side, so a 48000x1000 frame (within MAX_PIXELS)
+# would become a 7 GB square and stall the worker for many seconds.
+MAX_SIDE = 8192
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,8 @@ def _check_size(width: int, height: int, max_pixels: int) -> None:
         raise ImageError(f"image is empty ({width}x{height})")
     if width * height > max_pixels:
         raise ImageError(f"image is {width}x{height} = {width * height} pixels, more than the limit of {max_pixels}")
+    if max(width, height) > MAX_SIDE:
+        raise ImageError(f"image is {width}x{height}: a side is longer than the limit of {MAX_SIDE} pixels")
 
 
 def _png_size(data: bytes) -> tuple[int, int] | None:
