@@ -161,6 +161,8 @@ class MobileVLM:
             raise PromptError("mode crop needs a region of interest" if mode == "crop" else f"a region of interest is only used by mode crop, not {mode}")
         frame = to_pil_rgb(image, channel_order)
         grid = tile_grid(frame.size, self.image_processor.crop_size, max_tiles)
+        if mode == "overview":
+            return FrameViews([frame], IMAGE_PLACEHOLDER, [None], grid)
         if mode == "crop":
             box = roi_box(roi, frame.size)
             return FrameViews([frame.crop(box)], IMAGE_PLACEHOLDER, [box], grid)
@@ -168,9 +170,7 @@ class MobileVLM:
         tiles = [frame.crop(box) for box in boxes]
         if mode == "tiles":
             return FrameViews([frame, *tiles], tiled_image_text(*grid), [None, *boxes], grid)
-        if mode == "per_tile":
-            return FrameViews(tiles or [frame], IMAGE_PLACEHOLDER, boxes or [(0, 0, *frame.size)], grid)
-        return FrameViews([frame], IMAGE_PLACEHOLDER, [None], grid)
+        return FrameViews(tiles or [frame], IMAGE_PLACEHOLDER, boxes or [(0, 0, *frame.size)], grid)
 
     def session(
         self, image: ImageInput, channel_order: ChannelOrder = "rgb", keep_history: bool = False, mode: str = "overview",
