@@ -464,11 +464,17 @@ class ProcessClient:
 
 @pytest.mark.reliability
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_console_script_serves_then_exits_cleanly_on_a_signal(ros_context, checkpoint, vlm, tmp_path, signum, figures):
+def test_console_script_serves_then_exits_cleanly_on_a_signal(ros_context, make_checkpoint, tmp_path, signum, figures):
     """A signal while the worker generates and more requests of every kind wait: each is answered or fails with
-    "node is shutting down", and the process exits with 0 within 5 s."""
+    "node is shutting down", and the process exits with 0 within 5 s.
+
+    The long answer must outlast the wait for the queue to show in diagnostics on a loaded machine: with the usual 1024
+    context it is done in about a second, so this checkpoint has room for 8000 tokens (tens of seconds of generating).
+    """
+    checkpoint = make_checkpoint(dtype=torch.float32, context_length=8192)
+    vlm = MobileVLM.from_pretrained(checkpoint, device="cpu")
     namespace = f"process_{signum.name.lower()}"
-    process = start_node_process(checkpoint, namespace, tmp_path / "node.log", max_new_tokens=4)
+    process = start_node_process(checkpoint, namespace, tmp_path / "node.log", max_new_tokens=4, diagnostics_period_s=0.1)
     client = ProcessClient(ros_context, namespace)
     try:
         assert client.vqa.wait_for_service(timeout_sec=60), (tmp_path / "node.log").read_text()
@@ -478,7 +484,7 @@ def test_console_script_serves_then_exits_cleanly_on_a_signal(ros_context, check
         assert first.image_stamp.sec == 1400
 
         feedback: list[str] = []
-        running = client.ask.send_goal_async(Ask.Goal(question="Describe it all.", max_new_tokens=2000),
+        running = client.ask.send_goal_async(Ask.Goal(question="Describe it all.", max_new_tokens=8000),
                                              feedback_callback=lambda m: feedback.append(m.feedback.partial_answer))
         client.spin_until(lambda: running.done() and feedback, "the worker generating the long answer")
         queued = [client.vqa.call_async(VisualQuery.Request(question=f"Queued {i}?")) for i in range(3)]

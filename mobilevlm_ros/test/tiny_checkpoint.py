@@ -196,18 +196,21 @@ def write_checkpoint(
     write_tower_dir: bool = True,
     dtype: torch.dtype = torch.float16,
     seed: int = 0,
+    context_length: int = TINY_LLAMA["max_position_embeddings"],
 ) -> Path:
     """A tiny MobileVLM checkpoint directory: config.json, tokenizer.model, weights in `fmt` and `dtype`.
 
     `store_tower` stores the vision tower in the checkpoint (as official ones do); `write_tower_dir` also writes a
     CLIP directory (other random weights) at `vision_tower` relative to the checkpoint, where config.json points.
+    `context_length` only changes config.json (RoPE has no position weights).
     """
     directory.mkdir(parents=True, exist_ok=True)
     if write_tower_dir:
         write_clip_tower(directory / vision_tower, seed + 2)
     sp = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_model))
     vocab_size = sp.get_piece_size()
-    (directory / "config.json").write_text(json.dumps(official_config(projector_type, vocab_size, vision_tower), indent=2))
+    config = official_config(projector_type, vocab_size, vision_tower) | {"max_position_embeddings": context_length}
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
     (directory / "tokenizer.model").write_bytes(tokenizer_model.read_bytes())
     (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>"}))
     generator = torch.Generator().manual_seed(seed)
