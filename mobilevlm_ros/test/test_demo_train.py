@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 
 from mobilevlm_ros.demo.recipe import Recipe
-from mobilevlm_ros.demo.train import TOWER_DIR, train
+from mobilevlm_ros.demo.train import IGNORE, TOWER_DIR, build_model, language_loss, train
 from mobilevlm_ros.runtime.vlm import MobileVLM
 
 MICRO = Recipe(scenes=8, batch_size=2, turns=1, vision_steps=2, text_steps=2, align_steps=2, instruct_steps=2)
@@ -43,3 +43,24 @@ def test_the_same_seed_trains_the_same_weights(trained, tmp_path):
     again = train(tmp_path / "again", MICRO)
     assert (again / "model.safetensors").read_bytes() == (trained / "model.safetensors").read_bytes()
     assert (again / "tokenizer.model").read_bytes() == (trained / "tokenizer.model").read_bytes()
+
+
+def test_the_shared_prompt_prefix_gives_the_loss_and_gradients_of_the_full_rows():
+    model = build_model(vocab_size=64, seed=0)
+    prefix = torch.tensor([1, 5, 9, 12, 7])
+    rows = torch.randn(3, 8, model.config.hidden_size)
+    labels = torch.randint(3, 64, (3, 8))
+    labels[:, :2] = IGNORE
+    labels[2, 6:] = IGNORE  # a shorter, right-padded row
+
+    shared = language_loss(model, prefix, rows, labels)
+    (shared_grad,) = torch.autograd.grad(shared, model.model.layers[0].self_attn.q_proj.weight)
+
+    embed = model.model.embed_tokens
+    hidden = model.model(inputs_embeds=torch.cat([embed(prefix).expand(3, -1, -1), rows], dim=1)).last_hidden_state
+    logits = model.lm_head(hidden[:, len(prefix):-1])
+    full = torch.nn.functional.cross_entropy(logits.reshape(-1, 64), labels[:, 1:].reshape(-1), ignore_index=IGNORE)
+    (full_grad,) = torch.autograd.grad(full, model.model.layers[0].self_attn.q_proj.weight)
+
+    assert torch.allclose(shared, full, atol=1e-6)
+    assert torch.allclose(shared_grad, full_grad, atol=1e-7, rtol=1e-4)

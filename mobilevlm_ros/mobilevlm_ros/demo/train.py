@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 from torch import nn
-from transformers import CLIPVisionConfig
+from transformers import CLIPVisionConfig, DynamicCache
 
 from mobilevlm_ros.demo.recipe import Recipe
 from mobilevlm_ros.demo.world import (
@@ -216,9 +216,17 @@ def optimize(name: str, parameters: list[nn.Parameter], steps: int, learning_rat
     return running
 
 
-def language_loss(model: MobileLlamaForCausalLM, embeds: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy over the labelled positions (right padding needs no mask: it only follows)."""
-    hidden = model.model(inputs_embeds=embeds).last_hidden_state
+def language_loss(model: MobileLlamaForCausalLM, prefix: torch.Tensor, embeds: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy over the labelled positions of `embeds`, the rows that follow the prompt `prefix`
+    (right padding needs no mask: it only follows).
+
+    The prefix (the system prompt, a third of every row) is the same for the whole batch, so it runs once and the rows
+    share its keys and values: the loss and gradients are those of the full rows, for about a fifth less compute.
+    """
+    cache = DynamicCache(config=model.config)
+    model.model(inputs_embeds=model.model.embed_tokens(prefix)[None], past_key_values=cache, use_cache=True)
+    cache.batch_repeat_interleave(embeds.shape[0])
+    hidden = model.model(inputs_embeds=embeds, past_key_values=cache, use_cache=True).last_hidden_state
     logits = model.lm_head(hidden[:, :-1])
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE)
 
@@ -269,9 +277,9 @@ def train(out_dir: str | Path, recipe: Recipe = Recipe()) -> Path:
             scene = pool.scenes[index]
             described = tokenizer.encode(caption(scene))
             turns, turn_labels = conversation(tokenizer, draw_turns(rng, scene, recipe.turns))
-            rows.append(prefix.tolist() + described + turns)
-            labels.append([IGNORE] * (len(prefix) + len(described)) + turn_labels)
-        return language_loss(model, embed(pad(rows, 0)), pad(labels, IGNORE))
+            rows.append(described + turns)
+            labels.append([IGNORE] * len(described) + turn_labels)
+        return language_loss(model, prefix, embed(pad(rows, 0)), pad(labels, IGNORE))
 
     optimize("0b language", language_parameters, recipe.text_steps, recipe.learning_rate, text_loss)
 
@@ -279,9 +287,9 @@ def train(out_dir: str | Path, recipe: Recipe = Recipe()) -> Path:
         indices = batch_indices()
         turns = [conversation(tokenizer, samples_of(pool.scenes[index])) for index in indices]
         image = projector(features[indices])
-        embeds = torch.cat([embed(prefix).expand(len(indices), -1, -1), image, embed(pad([t for t, _ in turns], 0))], dim=1)
-        ignored = [IGNORE] * (len(prefix) + image.shape[1])
-        return language_loss(model, embeds, pad([ignored + labels for _, labels in turns], IGNORE))
+        embeds = torch.cat([image, embed(pad([t for t, _ in turns], 0))], dim=1)
+        ignored = [IGNORE] * image.shape[1]
+        return language_loss(model, prefix, embeds, pad([ignored + labels for _, labels in turns], IGNORE))
 
     # 1. projector only: image -> caption
     model.requires_grad_(False)
