@@ -153,7 +153,7 @@ def _train(args: argparse.Namespace) -> int:
     from mobilevlm_ros.demo.train import train
 
     recipe = Recipe(**{knob.name: getattr(args, knob.name) for knob in fields(Recipe)})
-    out = train(args.out or DEMO_CHECKPOINT, recipe)
+    out = train(args.out or DEMO_CHECKPOINT, recipe, device=args.device)
     sys.stdout.write(f"wrote {out}\n")
     return 0
 
@@ -216,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train the tiny demo MobileVLM on the synthetic world (MobileVLM's recipe)")
     train.add_argument("--out", default=None, help="checkpoint directory to write (default: the package's demo checkpoint)")
     train.add_argument("--seed", type=int, default=0, help="seed of the world and the weights (default 0)")
+    train.add_argument("--device", default="cpu", help="torch device to train on, e.g. cuda (default cpu: the shipped checkpoint's)")
     for knob in fields(Recipe):
         if knob.name != "seed":
             train.add_argument(f"--{knob.name.replace('_', '-')}", type=type(knob.default), default=knob.default, help=f"(default {knob.default})")

@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+import numpy as np
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -37,6 +39,13 @@ def test_the_checkpoint_loads_strictly_and_answers(trained):
     vlm = MobileVLM.from_pretrained(trained, device="cpu")
     frame = torch.zeros(200, 300, 3, dtype=torch.uint8).numpy()
     assert isinstance(vlm.ask(frame, "What colour is the circle?", max_new_tokens=3), str)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: trains the micro recipe on it")
+def test_the_recipe_trains_on_a_gpu_into_a_checkpoint_the_cpu_loads(tmp_path):
+    on_gpu = train(tmp_path / "gpu", MICRO, device="cuda")
+    vlm = MobileVLM.from_pretrained(on_gpu, device="cpu")
+    assert isinstance(vlm.ask(np.zeros((200, 300, 3), dtype=np.uint8), "What colour is the circle?", max_new_tokens=3), str)
 
 
 def test_the_same_seed_trains_the_same_weights(trained, tmp_path):

@@ -183,9 +183,9 @@ def conversation(tokenizer: SentencePieceTokenizer, samples: list[Sample]) -> tu
     return ids, labels
 
 
-def pad(rows: list[list[int]], value: int) -> torch.Tensor:
+def pad(rows: list[list[int]], value: int, device: torch.device | str = "cpu") -> torch.Tensor:
     width = max(len(row) for row in rows)
-    return torch.tensor([row + [value] * (width - len(row)) for row in rows], dtype=torch.long)
+    return torch.tensor([row + [value] * (width - len(row)) for row in rows], dtype=torch.long, device=device)
 
 
 # --- training --------------------------------------------------------------------------------------------------------
@@ -231,8 +231,9 @@ def language_loss(model: MobileLlamaForCausalLM, prefix: torch.Tensor, embeds: t
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE)
 
 
-def train(out_dir: str | Path, recipe: Recipe = Recipe()) -> Path:
-    """Run the whole recipe and write the checkpoint to `out_dir` (replaced if it exists)."""
+def train(out_dir: str | Path, recipe: Recipe = Recipe(), device: torch.device | str = "cpu") -> Path:
+    """Run the whole recipe on `device` and write the checkpoint to `out_dir` (replaced if it exists). The weights
+    start identical on every device; a GPU then gives a checkpoint close to, not bit-equal with, the CPU's."""
     out_dir = Path(out_dir)
     started = time.perf_counter()
     random.seed(recipe.seed)
@@ -242,31 +243,34 @@ def train(out_dir: str | Path, recipe: Recipe = Recipe()) -> Path:
     (work / TOWER_DIR).mkdir(parents=True)
     tokenizer = train_tokenizer(work / "tokenizer.model", recipe.seed)
     vocab_size = tokenizer.sp.get_piece_size()
-    model = build_model(vocab_size, recipe.seed)
+    model = build_model(vocab_size, recipe.seed).to(device)
     processor = ImageProcessor(crop_size=VISION["image_size"], shortest_edge=VISION["image_size"])
     pool = make_pool(recipe.scenes, recipe.seed, processor, VISION["patch_size"])
     logger.info("vocabulary %d, %d parameters, pool of %d scenes (%.0f s)",
                 vocab_size, sum(p.numel() for p in model.parameters()), len(pool.scenes), time.perf_counter() - started)
     rng = random.Random(recipe.seed + 1)
     tower, projector, embed = model.model.vision_tower, model.model.mm_projector, model.model.embed_tokens
-    prefix = torch.tensor(prefix_ids(tokenizer))
+    prefix = torch.tensor(prefix_ids(tokenizer), device=device)
+
+    def pixel_values(indices: list[int] | slice) -> torch.Tensor:
+        return processor.normalize(pool.pixels[indices]).to(device)
 
     def batch_indices() -> list[int]:
         return [rng.randrange(len(pool.scenes)) for _ in range(recipe.batch_size)]
 
     # 0a. vision tower: dense labels of the shape under each patch
-    heads = nn.ModuleDict({name: nn.Linear(VISION["hidden_size"], classes) for name, classes in ATTRIBUTE_CLASSES.items()})
+    heads = nn.ModuleDict({name: nn.Linear(VISION["hidden_size"], classes) for name, classes in ATTRIBUTE_CLASSES.items()}).to(device)
 
     def vision_loss(step: int) -> torch.Tensor:
         indices = batch_indices()
-        features = tower(processor.normalize(pool.pixels[indices])).flatten(0, 1)
-        return sum(F.cross_entropy(head(features), torch.from_numpy(pool.labels[name][indices]).long().flatten())
+        features = tower(pixel_values(indices)).flatten(0, 1)
+        return sum(F.cross_entropy(head(features), torch.from_numpy(pool.labels[name][indices]).to(device).long().flatten())
                    for name, head in heads.items())
 
     optimize("0a vision", [*tower.parameters(), *heads.parameters()], recipe.vision_steps, recipe.learning_rate, vision_loss)
     tower.requires_grad_(False).eval()
     with torch.no_grad():
-        features = torch.cat([tower(processor.normalize(pool.pixels[i : i + 64])) for i in range(0, len(pool.scenes), 64)])
+        features = torch.cat([tower(pixel_values(slice(i, i + 64))) for i in range(0, len(pool.scenes), 64)])
 
     # 0b. language model: conversations with the caption in place of the image
     language_parameters = [p for n, p in model.named_parameters() if not n.startswith(("model.vision_tower.", "model.mm_projector."))]
@@ -279,7 +283,7 @@ def train(out_dir: str | Path, recipe: Recipe = Recipe()) -> Path:
             turns, turn_labels = conversation(tokenizer, draw_turns(rng, scene, recipe.turns))
             rows.append(described + turns)
             labels.append([IGNORE] * len(described) + turn_labels)
-        return language_loss(model, prefix, embed(pad(rows, 0)), pad(labels, IGNORE))
+        return language_loss(model, prefix, embed(pad(rows, 0, device)), pad(labels, IGNORE, device))
 
     optimize("0b language", language_parameters, recipe.text_steps, recipe.learning_rate, text_loss)
 
@@ -287,9 +291,9 @@ def train(out_dir: str | Path, recipe: Recipe = Recipe()) -> Path:
         indices = batch_indices()
         turns = [conversation(tokenizer, samples_of(pool.scenes[index])) for index in indices]
         image = projector(features[indices])
-        embeds = torch.cat([image, embed(pad([t for t, _ in turns], 0))], dim=1)
+        embeds = torch.cat([image, embed(pad([t for t, _ in turns], 0, device))], dim=1)
         ignored = [IGNORE] * image.shape[1]
-        return language_loss(model, prefix, embeds, pad([ignored + labels for _, labels in turns], IGNORE))
+        return language_loss(model, prefix, embeds, pad([ignored + labels for _, labels in turns], IGNORE, device))
 
     # 1. projector only: image -> caption
     model.requires_grad_(False)
@@ -323,5 +327,5 @@ def save_checkpoint(model: MobileLlamaForCausalLM, directory: Path) -> None:
                  "do_resize": True, "image_mean": list(ImageProcessor.image_mean), "image_std": list(ImageProcessor.image_std),
                  "resample": 3, "image_processor_type": "CLIPImageProcessor"}
     (tower / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
-    weights = {key: value.detach().to(torch.float16).contiguous() for key, value in model.state_dict().items()}
+    weights = {key: value.detach().to("cpu", torch.float16).contiguous() for key, value in model.state_dict().items()}
     save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
