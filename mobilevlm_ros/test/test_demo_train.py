@@ -3,8 +3,6 @@
 import json
 from pathlib import Path
 
-import numpy as np
-
 import pytest
 import torch
 from safetensors import safe_open
@@ -35,17 +33,19 @@ def test_the_recipe_writes_a_checkpoint_in_the_official_layout(trained):
     assert json.loads((trained / "training.json").read_text())["recipe"]["instruct_steps"] == MICRO.instruct_steps
 
 
-def test_the_checkpoint_loads_strictly_and_answers(trained):
-    vlm = MobileVLM.from_pretrained(trained, device="cpu")
+def assert_loads_strictly_on_the_cpu_and_answers(checkpoint: Path) -> None:
+    vlm = MobileVLM.from_pretrained(checkpoint, device="cpu")
     frame = torch.zeros(200, 300, 3, dtype=torch.uint8).numpy()
     assert isinstance(vlm.ask(frame, "What colour is the circle?", max_new_tokens=3), str)
 
 
+def test_the_checkpoint_loads_strictly_and_answers(trained):
+    assert_loads_strictly_on_the_cpu_and_answers(trained)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: trains the micro recipe on it")
 def test_the_recipe_trains_on_a_gpu_into_a_checkpoint_the_cpu_loads(tmp_path):
-    on_gpu = train(tmp_path / "gpu", MICRO, device="cuda")
-    vlm = MobileVLM.from_pretrained(on_gpu, device="cpu")
-    assert isinstance(vlm.ask(np.zeros((200, 300, 3), dtype=np.uint8), "What colour is the circle?", max_new_tokens=3), str)
+    assert_loads_strictly_on_the_cpu_and_answers(train(tmp_path / "gpu", MICRO, device="cuda"))
 
 
 def test_the_same_seed_trains_the_same_weights(trained, tmp_path):
