@@ -3,15 +3,18 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 
 from mobilevlm_ros.demo.recipe import Recipe
-from mobilevlm_ros.demo.train import IGNORE, TOWER_DIR, build_model, language_loss, train
+from mobilevlm_ros.demo.train import IGNORE, TOWER_DIR, SceneSymbols, build_model, language_loss, patch_labels, token_cells, train
+from mobilevlm_ros.demo.world import COLOURS, Scene, Shape
+from mobilevlm_ros.model.preprocess import ImageProcessor
 from mobilevlm_ros.runtime.vlm import MobileVLM
 
-MICRO = Recipe(scenes=8, batch_size=2, turns=1, vision_steps=2, text_steps=2, align_steps=2, instruct_steps=2)
+MICRO = Recipe(scenes=8, batch_size=2, questions_per_image=2, vision_steps=2, text_steps=2, align_steps=2, instruct_steps=2)
 pytestmark = pytest.mark.slow  # trains twice: tens of seconds
 
 
@@ -54,22 +57,65 @@ def test_the_same_seed_trains_the_same_weights(trained, tmp_path):
     assert (again / "tokenizer.model").read_bytes() == (trained / "tokenizer.model").read_bytes()
 
 
-def test_the_shared_prompt_prefix_gives_the_loss_and_gradients_of_the_full_rows():
+def test_rows_sharing_the_prompt_and_their_image_get_the_loss_and_gradients_of_the_full_rows():
     model = build_model(vocab_size=64, seed=0)
     prefix = torch.tensor([1, 5, 9, 12, 7])
-    rows = torch.randn(3, 8, model.config.hidden_size)
-    labels = torch.randint(3, 64, (3, 8))
+    images = torch.randn(2, 4, model.config.hidden_size)
+    turns = torch.randn(6, 8, model.config.hidden_size)  # three questions about each image
+    labels = torch.randint(3, 64, (6, 8))
     labels[:, :2] = IGNORE
     labels[2, 6:] = IGNORE  # a shorter, right-padded row
 
-    shared = language_loss(model, prefix, rows, labels)
+    shared = language_loss(model, prefix, images, turns, labels)
     (shared_grad,) = torch.autograd.grad(shared, model.model.layers[0].self_attn.q_proj.weight)
 
     embed = model.model.embed_tokens
-    hidden = model.model(inputs_embeds=torch.cat([embed(prefix).expand(3, -1, -1), rows], dim=1)).last_hidden_state
-    logits = model.lm_head(hidden[:, len(prefix):-1])
+    rows = torch.cat([embed(prefix).expand(6, -1, -1), images.repeat_interleave(3, dim=0), turns], dim=1)
+    logits = model.lm_head(model.model(inputs_embeds=rows).last_hidden_state[:, -turns.shape[1]:-1])
     full = torch.nn.functional.cross_entropy(logits.reshape(-1, 64), labels[:, 1:].reshape(-1), ignore_index=IGNORE)
     (full_grad,) = torch.autograd.grad(full, model.model.layers[0].self_attn.q_proj.weight)
 
     assert torch.allclose(shared, full, atol=1e-6)
     assert torch.allclose(shared_grad, full_grad, atol=1e-7, rtol=1e-4)
+
+
+def test_the_tower_starts_knowing_which_patches_are_neighbours():
+    positions = build_model(vocab_size=64, seed=0).model.vision_tower.vision_tower.vision_model.embeddings.position_embedding.weight
+    grid = round((positions.shape[0] - 1) ** 0.5)
+    patches = positions[1:].detach().reshape(grid, grid, -1)
+    assert torch.all(positions[0] == 0)  # the class token has no place on the grid
+
+    def distance(a: tuple[int, int], b: tuple[int, int]) -> float:
+        return (patches[a] - patches[b]).norm().item()
+
+    centre = (grid // 2, grid // 2)
+    for near, far in (((centre[0], centre[1] + 1), (centre[0], grid - 1)), ((centre[0] + 1, centre[1]), (grid - 1, centre[1]))):
+        assert distance(centre, near) < distance(centre, far)
+    assert len({tuple(row.tolist()) for row in positions[1:].detach()}) == grid * grid  # every patch has its own code
+
+
+# a 27-pixel red square on patch (row 4, column 5) of the tiny tower's 12x12 grid: the projector pools it, with rows
+# 4-5 x columns 4-5, into token (2, 2) of its 6x6 grid
+SMALL_SQUARE = Scene(336, 336, (0, 0, 0), (Shape("square", "red", x=5 * 28 + 14, y=4 * 28 + 14, size=27),), texture_seed=0)
+RED = 1 + list(COLOURS).index("red")
+
+
+def test_every_patch_of_a_token_cell_learns_the_shape_owning_the_cell():
+    processor = ImageProcessor(crop_size=336, shortest_edge=336)
+    under_each_patch = patch_labels(SMALL_SQUARE, processor, patch_size=28, cell=1)["colour"].reshape(12, 12)
+    assert list(zip(*np.nonzero(under_each_patch))) == [(4, 5)] and under_each_patch[4, 5] == RED
+
+    by_cell = patch_labels(SMALL_SQUARE, processor, patch_size=28)["colour"].reshape(12, 12)
+    assert np.all(by_cell[4:6, 4:6] == RED) and np.count_nonzero(by_cell) == 4
+
+
+def test_scene_symbols_stand_in_the_token_of_the_cell_holding_the_shape():
+    labels = patch_labels(SMALL_SQUARE, ImageProcessor(crop_size=336, shortest_edge=336), patch_size=28)
+    cells = {name: token_cells(value[None]) for name, value in labels.items()}
+    assert cells["colour"].shape == (1, 36) and list(np.flatnonzero(cells["colour"][0])) == [2 * 6 + 2]
+
+    symbols = SceneSymbols(hidden_size=16)(cells={name: torch.from_numpy(value).long() for name, value in cells.items()})
+    background = symbols[0, 0]
+    assert symbols.shape == (1, 36, 16)
+    assert torch.equal(symbols[0, torch.arange(36) != 14], background.expand(35, 16)) and not torch.equal(symbols[0, 14], background)
+

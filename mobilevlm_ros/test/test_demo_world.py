@@ -8,7 +8,7 @@ import pytest
 
 from mobilevlm_ros.demo.world import (
     CENTRE_BAND, COLOURS, NEAR_RANGE, QUESTION_KINDS, SHAPES, Scene, Shape, caption, held_out_samples, navigation_answer,
-    navigation_sample, question, random_scene, render, write_eval_set,
+    navigation_sample, question, random_negative, random_scene, render, write_eval_set,
 )
 from mobilevlm_ros.evaluate import read_questions
 
@@ -91,6 +91,17 @@ def test_existence_questions_are_balanced_and_navigation_covers_every_action():
     actions = [navigation_sample(random.Random(seed))[1].answer for seed in range(200)]
     assert {"move_forward", "turn_left", "turn_right", "stop"} == set(actions)
     assert question(random.Random(0), Scene(100, 100, (0, 0, 0), (Shape("circle", "red", 50, 50, 20), Shape("circle", "blue", 20, 20, 10)), 0), "colour") is None
+
+
+def test_random_negatives_name_an_absent_object_unrelated_to_the_scene_when_there_is_one():
+    rng = random.Random(5)
+    for _ in range(100):
+        scene = random_scene(rng)
+        sample = random_negative(rng, scene)
+        colour, kind = next((c, k) for c in COLOURS for k in SHAPES if f"{c} {k}" in sample.question)
+        assert sample.kind == "existence" and sample.answer == "no" and scene.find(colour, kind) is None
+        if len({s.kind for s in scene.shapes}) < len(SHAPES):
+            assert all(colour != s.colour and kind != s.kind for s in scene.shapes)
 
 
 def test_an_eval_set_is_written_in_the_eval_format(tmp_path):

@@ -8,10 +8,11 @@ class Recipe:
     seed: int = 0
     scenes: int = 6000  # the training pool; questions are drawn afresh from it at every step
     batch_size: int = 32
-    turns: int = 5  # questions per image in stage 2 (a "v1" conversation, like LLaVA's multi-turn samples)
-    vision_steps: int = 250
-    text_steps: int = 250
-    align_steps: int = 150
-    instruct_steps: int = 2000
+    questions_per_image: int = 5  # rows per image in stages 0b (one of them the caption request) and 2; each branches off the image as a Session asks
+    vision_steps: int = 2000  # the kind of a shape (circle, square, triangle) is learned late: ~0.5 per patch until step 750, 0.95 by 1750
+    text_steps: int = 1200  # on scene symbols: the lookups take the tiny LLM ~1000-1500 steps even on exact tokens
+    align_steps: int = 300
+    instruct_steps: int = 800
+    vision_learning_rate: float = 2e-3
     learning_rate: float = 1e-3
     instruct_learning_rate: float = 1e-3

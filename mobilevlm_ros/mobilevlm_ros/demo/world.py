@@ -208,6 +208,17 @@ def question(rng: random.Random, scene: Scene, kind: str) -> Sample | None:
     raise ValueError(f"unknown question kind {kind!r}")
 
 
+def random_negative(rng: random.Random, scene: Scene) -> Sample:
+    """An existence question about an absent object drawn at random (POPE's "random" negatives; `question` draws the
+    adversarial ones): one sharing neither colour nor shape with the scene when there is one."""
+    colours, kinds = {s.colour for s in scene.shapes}, {s.kind for s in scene.shapes}
+    absent = [(c, k) for c in COLOURS for k in SHAPES if scene.find(c, k) is None]
+    unrelated = [(c, k) for c, k in absent if c not in colours and k not in kinds]
+    colour, kind = rng.choice(unrelated or absent)
+    text = rng.choice(("Is there a {n}?", "Is there a {n} in the image?", "Do you see a {n}?"))
+    return Sample("existence", text.format(n=f"{colour} {kind}"), "no")
+
+
 def navigation_answer(scene: Scene, colour: str, kind: str) -> str:
     """Turn towards the target, go forward when it is ahead, stop when it is close or not in view."""
     target = scene.find(colour, kind)
