@@ -37,8 +37,8 @@ from transformers import CLIPVisionConfig, DynamicCache
 
 from mobilevlm_ros.demo.recipe import Recipe
 from mobilevlm_ros.demo.world import (
-    CAPTION_QUESTION, COLOURS, POSITIONS, QUESTION_KINDS, SHAPES, Sample, Scene, caption, draw_shape, navigation_answer, navigation_sample,
-    prompt_question, question, random_negative, random_scene, render,
+    CAPTION_QUESTION, COLOURS, NAVIGATION_INSTRUCTIONS, POSITIONS, QUESTION_KINDS, SHAPES, Sample, Scene, caption, draw_shape,
+    navigation_answer, navigation_sample, prompt_question, question, random_negative, random_scene, render,
 )
 from mobilevlm_ros.model.config import parse_config
 from mobilevlm_ros.model.mobilevlm import MobileLlamaForCausalLM
@@ -231,7 +231,7 @@ def draw_questions(rng: random.Random, scene: Scene, count: int) -> list[Sample]
         if kind == "navigation":
             target = rng.choice(scene.shapes) if rng.random() < 0.75 else None
             colour, shape = (target.colour, target.kind) if target else (rng.choice(list(COLOURS)), rng.choice(SHAPES))
-            instruction = rng.choice(("Go to the {n}.", "Navigate to the {n}.", "Drive to the {n}.", "Move towards the {n}."))
+            instruction = rng.choice(NAVIGATION_INSTRUCTIONS)
             samples.append(Sample(kind, instruction.format(n=f"{colour} {shape}"), navigation_answer(scene, colour, shape)))
         elif kind == "existence" and rng.random() < RANDOM_NEGATIVES:
             samples.append(random_negative(rng, scene))

@@ -32,6 +32,8 @@ SIZE_RANGE = (0.12, 0.28)  # a shape's side, as a fraction of the frame's short 
 NEAR_RANGE = (0.45, 0.58)  # a shape this large is close enough to stop at
 CAPTION_QUESTION = "Describe the image briefly."
 QUESTION_KINDS = ("colour", "shape", "count", "position", "existence")
+EXISTENCE_QUESTIONS = ("Is there a {n}?", "Is there a {n} in the image?", "Do you see a {n}?")  # {n}: "<colour> <kind>"
+NAVIGATION_INSTRUCTIONS = ("Go to the {n}.", "Navigate to the {n}.", "Drive to the {n}.", "Move towards the {n}.")
 
 
 @dataclass(frozen=True)
@@ -203,7 +205,7 @@ def question(rng: random.Random, scene: Scene, kind: str) -> Sample | None:
             else:
                 return None
             answer = "no"
-        text = rng.choice(("Is there a {n}?", "Is there a {n} in the image?", "Do you see a {n}?"))
+        text = rng.choice(EXISTENCE_QUESTIONS)
         return Sample("existence", text.format(n=f"{colour} {kind_}"), answer)
     raise ValueError(f"unknown question kind {kind!r}")
 
@@ -215,7 +217,7 @@ def random_negative(rng: random.Random, scene: Scene) -> Sample:
     absent = [(c, k) for c in COLOURS for k in SHAPES if scene.find(c, k) is None]
     unrelated = [(c, k) for c, k in absent if c not in colours and k not in kinds]
     colour, kind = rng.choice(unrelated or absent)
-    text = rng.choice(("Is there a {n}?", "Is there a {n} in the image?", "Do you see a {n}?"))
+    text = rng.choice(EXISTENCE_QUESTIONS)
     return Sample("existence", text.format(n=f"{colour} {kind}"), "no")
 
 
@@ -240,7 +242,7 @@ def navigation_sample(rng: random.Random) -> tuple[Scene, Sample]:
         x_range = {"turn_left": (0.0, CENTRE_BAND[0]), "turn_right": (CENTRE_BAND[1], 1.0)}.get(action, CENTRE_BAND)
         near = Shape(kind, colour, 0, 0, 0) if action == "stop" else None
         scene = random_scene(rng, count=rng.randint(1, 2 if near else 4), near=near, x_range=x_range, first=(colour, kind))
-    instruction = rng.choice(("Go to the {n}.", "Navigate to the {n}.", "Drive to the {n}.", "Move towards the {n}."))
+    instruction = rng.choice(NAVIGATION_INSTRUCTIONS)
     sample = Sample("navigation", instruction.format(n=f"{colour} {kind}"), navigation_answer(scene, colour, kind))
     return scene, sample
 
