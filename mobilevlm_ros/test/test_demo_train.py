@@ -9,7 +9,9 @@ import torch
 from safetensors import safe_open
 
 from mobilevlm_ros.demo.recipe import Recipe
-from mobilevlm_ros.demo.train import IGNORE, TOWER_DIR, SceneSymbols, build_model, language_loss, patch_labels, token_cells, train
+from mobilevlm_ros.demo.train import (
+    ATTRIBUTE_CLASSES, IGNORE, TOWER_DIR, SceneSymbols, build_model, language_loss, patch_labels, patch_loss, token_cells, train,
+)
 from mobilevlm_ros.demo.world import COLOURS, Scene, Shape
 from mobilevlm_ros.model.preprocess import ImageProcessor
 from mobilevlm_ros.runtime.vlm import MobileVLM
@@ -107,6 +109,19 @@ def test_every_patch_of_a_token_cell_learns_the_shape_owning_the_cell():
 
     by_cell = patch_labels(SMALL_SQUARE, processor, patch_size=28)["colour"].reshape(12, 12)
     assert np.all(by_cell[4:6, 4:6] == RED) and np.count_nonzero(by_cell) == 4
+
+
+def test_the_tower_learns_colour_on_every_patch_and_the_rest_on_the_patches_a_shape_owns():
+    labels = {name: torch.from_numpy(value).long()
+              for name, value in patch_labels(SMALL_SQUARE, ImageProcessor(crop_size=336, shortest_edge=336), patch_size=28).items()}
+    logits = {name: torch.randn(144, classes, requires_grad=True) for name, classes in ATTRIBUTE_CLASSES.items()}
+    gradients = dict(zip(logits, torch.autograd.grad(patch_loss(logits, labels), list(logits.values()))))
+
+    owned = labels["colour"] > 0
+    assert owned.sum() == 4
+    assert gradients["colour"][~owned].abs().sum() > 0  # the background is a colour class: "no shape here"
+    for name in ("shape", "position", "near"):
+        assert gradients[name][~owned].abs().sum() == 0 and gradients[name][owned].abs().sum() > 0
 
 
 def test_scene_symbols_stand_in_the_token_of_the_cell_holding_the_shape():

@@ -140,6 +140,19 @@ PATCH_ATTRIBUTES = {
 ATTRIBUTE_CLASSES = {"colour": len(COLOURS) + 1, "shape": len(SHAPES) + 1, "position": len(POSITIONS) + 1, "near": 3}
 
 
+def patch_loss(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Stage 0a's loss: per PATCH_ATTRIBUTES name, [patches, classes] logits against [patches] labels.
+
+    Colour is learned on every patch (its class 0 says no shape owns the cell); the kind, position and nearness only
+    on the patches a shape owns. Averaged over all patches, their easy class 0 (the background, 83% of the patches)
+    drowned the kind: after 2000 steps a linear probe of the tower's features told circles, squares and triangles
+    apart on 0.69 of held-out shape patches (0.92 with this loss), and the model named the kind right 0.68 of the time."""
+    owned = labels["colour"] > 0
+    return sum(F.cross_entropy(logits[name], labels[name] if name == "colour" else labels[name].masked_fill(~owned, IGNORE),
+                               ignore_index=IGNORE)
+               for name in PATCH_ATTRIBUTES)
+
+
 @dataclass
 class Pool:
     """The training scenes, the square uint8 images the model sees of them (pad + resize done once) and their dense
@@ -348,8 +361,8 @@ def train(out_dir: str | Path, recipe: Recipe = Recipe(), device: torch.device |
     def vision_loss(step: int) -> torch.Tensor:
         indices = batch_indices()
         features = tower(pixel_values(indices)).flatten(0, 1)
-        return sum(F.cross_entropy(head(features), torch.from_numpy(pool.labels[name][indices]).to(device).long().flatten())
-                   for name, head in heads.items())
+        return patch_loss({name: head(features) for name, head in heads.items()},
+                          {name: torch.from_numpy(pool.labels[name][indices]).to(device).long().flatten() for name in heads})
 
     optimize("0a vision", [*tower.parameters(), *heads.parameters()], recipe.vision_steps, recipe.vision_learning_rate, vision_loss)
     tower.requires_grad_(False).eval()
