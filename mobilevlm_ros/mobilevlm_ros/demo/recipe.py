@@ -12,7 +12,7 @@ class Recipe:
     vision_steps: int = 2000  # its slowest lesson, the kind of a shape: a probe reads it on 0.92 of held-out shape patches by then
     text_steps: int = 1200  # on scene symbols: the lookups take the tiny LLM ~1000-1500 steps even on exact tokens
     align_steps: int = 300
-    instruct_steps: int = 800
+    instruct_steps: int = 1000
     vision_learning_rate: float = 2e-3
     learning_rate: float = 1e-3
     instruct_learning_rate: float = 1e-3
