@@ -10,7 +10,8 @@ from safetensors import safe_open
 
 from mobilevlm_ros.demo.recipe import Recipe
 from mobilevlm_ros.demo.train import (
-    ATTRIBUTE_CLASSES, IGNORE, TOWER_DIR, SceneSymbols, build_model, language_loss, patch_labels, patch_loss, token_cells, train,
+    ATTRIBUTE_CLASSES, IGNORE, TOWER_DIR, SceneSymbols, build_model, language_loss, make_pool, patch_labels, patch_loss, pool_entry,
+    token_cells, train,
 )
 from mobilevlm_ros.demo.world import COLOURS, Scene, Shape
 from mobilevlm_ros.model.preprocess import ImageProcessor
@@ -57,6 +58,16 @@ def test_the_same_seed_trains_the_same_weights(trained, tmp_path):
     again = train(tmp_path / "again", MICRO)
     assert (again / "model.safetensors").read_bytes() == (trained / "model.safetensors").read_bytes()
     assert (again / "tokenizer.model").read_bytes() == (trained / "tokenizer.model").read_bytes()
+
+
+def test_the_pool_rendered_on_several_cores_holds_each_scene_with_its_own_image_and_labels():
+    processor = ImageProcessor(crop_size=336, shortest_edge=336)
+    pool = make_pool(5, seed=3, processor=processor, patch_size=28)
+    assert len({scene.texture_seed for scene in pool.scenes}) == 5
+    for index, scene in enumerate(pool.scenes):
+        pixels, labels = pool_entry(scene, processor, patch_size=28)
+        assert np.array_equal(pool.pixels[index], pixels)
+        assert all(np.array_equal(pool.labels[name][index], value) for name, value in labels.items())
 
 
 def test_rows_sharing_the_prompt_and_their_image_get_the_loss_and_gradients_of_the_full_rows():

@@ -19,11 +19,15 @@ import io
 import json
 import logging
 import math
+import multiprocessing
+import os
 import random
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -191,13 +195,20 @@ def patch_labels(scene: Scene, processor: ImageProcessor, patch_size: int, cell:
             for name, value in PATCH_ATTRIBUTES.items()}
 
 
+def pool_entry(scene: Scene, processor: ImageProcessor, patch_size: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The square uint8 image of `scene` the model sees, and its patch labels."""
+    return np.asarray(processor.square(render(scene))), patch_labels(scene, processor, patch_size)
+
+
 def make_pool(count: int, seed: int, processor: ImageProcessor, patch_size: int) -> Pool:
-    """`count` scenes: two thirds drawn freely, one third built around a navigation target (some of them near)."""
+    """`count` scenes: two thirds drawn freely, one third built around a navigation target (some of them near).
+    The scenes are drawn here, in order; rendering them is spread over the CPU's cores (a minute on one core)."""
     rng = random.Random(seed)
     scenes = [navigation_sample(rng)[0] if index % 3 == 2 else random_scene(rng) for index in range(count)]
-    pixels = np.stack([np.asarray(processor.square(render(scene))) for scene in scenes])
-    labels = [patch_labels(scene, processor, patch_size) for scene in scenes]
-    return Pool(scenes, pixels, {name: np.stack([row[name] for row in labels]) for name in PATCH_ATTRIBUTES})
+    with ProcessPoolExecutor(os.cpu_count(), mp_context=multiprocessing.get_context("spawn")) as workers:
+        entries = list(workers.map(partial(pool_entry, processor=processor, patch_size=patch_size), scenes, chunksize=64))
+    return Pool(scenes, np.stack([pixels for pixels, _ in entries]),
+                {name: np.stack([labels[name] for _, labels in entries]) for name in PATCH_ATTRIBUTES})
 
 
 def token_cells(labels: np.ndarray) -> np.ndarray:
