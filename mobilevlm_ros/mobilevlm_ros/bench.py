@@ -27,6 +27,7 @@ import platform
 import random
 import resource
 import shutil
+import signal
 import statistics
 import time
 import traceback
@@ -81,6 +82,7 @@ class BenchOptions:
     work_dir: str = str(Path.home() / ".cache" / "mobilevlm_ros" / "bench")
     engines_dir: str | None = None  # default: <work_dir>/engines for random models, the package's engines/ for --model
     tiles: int = 0  # > 0: also time `tiles` mode with this tile budget on a TILES_FRAME-sized frame
+    llama_amx: bool | None = None  # llama.cpp's AMX buffer type, for ours and llamacpp-plain alike (None: by the CPU)
 
 
 @dataclass
@@ -116,7 +118,7 @@ def run_bench(options: BenchOptions) -> BenchResult:
         if "llamacpp-plain" in options.vs:
             prompt_tokens = group[ours].run(min(4, options.new_tokens))["prompt_tokens"]  # its warm-up
             group[f"llama-cpp-python plain ({options.quant})"] = stack.enter_context(
-                _Worker(setup_llamacpp_plain, str(model_dir), result.gguf["path"], prompt_tokens)
+                _Worker(setup_llamacpp_plain, str(model_dir), result.gguf["path"], prompt_tokens, options.llama_amx)
             )
         if options.vision != "torch":
             torch_vision = _Worker(setup_torch_vision, str(model_dir), options)
@@ -162,7 +164,13 @@ class _Worker:
         return memory
 
     def _receive(self) -> Any:
-        status, value = self._connection.recv()
+        try:
+            status, value = self._connection.recv()
+        except EOFError:
+            self._process.join()
+            code = self._process.exitcode
+            how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+            raise RuntimeError(f"a benchmark pipeline's process died ({how}) before it answered") from None
         if status == "error":
             raise RuntimeError(f"a benchmark pipeline failed in its process:\n{value}")
         return value
@@ -213,10 +221,14 @@ def _peak_memory() -> dict[str, float]:
 
 
 def machine_info() -> dict[str, Any]:
+    """Where the figures were taken: the CPU, its features that change the kernels, the library versions."""
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
-    info = {"cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
+    from mobilevlm_ros.runtime.cpu import RELEVANT_FLAGS, cpu_info
+
+    cpu = cpu_info()
+    info = {"cpu": cpu.model, "cpus": cpu.cpus, "cores": cpu.cores, "cpu_flags": [f for f in RELEVANT_FLAGS if f in cpu.flags],
+            "python": platform.python_version(), "torch": torch.__version__}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     try:
@@ -379,7 +391,10 @@ def setup_ours(model_dir: str, options: BenchOptions, engines_dir: str | None) -
                 "tiles_prompt_tokens": session.prompt_tokens, "tiles_ttft_s": time.perf_counter() - t0}
 
     threads = getattr(vlm.vision, "threads", torch.get_num_threads())
-    return run, {"pipeline": f"{options.language} backend", "load_s": load_s, "vision_threads": threads}
+    info = {"pipeline": f"{options.language} backend", "load_s": load_s, "vision_threads": threads}
+    if options.language == "llamacpp":
+        info["llama_cpp_buffers"] = vlm.language.model_buffers
+    return run, info
 
 
 def setup_torch_vision(model_dir: str, options: BenchOptions) -> tuple[Run, dict[str, Any]]:
@@ -455,14 +470,15 @@ def setup_reference(model_dir: str, options: BenchOptions) -> tuple[Run, dict[st
     return run, {"pipeline": f"transformers generate(inputs_embeds), {vlm.vision_dtype}", "load_s": load_s}
 
 
-def setup_llamacpp_plain(model_dir: str, gguf_path: str, prompt_tokens: int) -> tuple[Run, dict[str, Any]]:
-    """llama-cpp-python's high-level generation on the same GGUF, with a text prompt as long as ours."""
+def setup_llamacpp_plain(model_dir: str, gguf_path: str, prompt_tokens: int, amx: bool | None) -> tuple[Run, dict[str, Any]]:
+    """llama-cpp-python's high-level generation on the same GGUF, with a text prompt as long as ours, and the same
+    llama.cpp CPU buffer types (AMX on or off) as ours, so the ratio compares the drivers, not the kernels."""
     from llama_cpp import Llama
 
     from mobilevlm_ros.model.prompt import load_tokenizer, prefix_ids, question_ids
-    from mobilevlm_ros.runtime.llamacpp import init_llama_cpp, physical_cores
+    from mobilevlm_ros.runtime.cpu import physical_cores
+    from mobilevlm_ros.runtime.llamacpp import model_load
 
-    init_llama_cpp()  # its log goes to Python logging, as ours does
     tokenizer = load_tokenizer(model_dir)
     text = prefix_ids(tokenizer)
     question = question_ids(tokenizer, FIRST_QUESTION)
@@ -470,7 +486,8 @@ def setup_llamacpp_plain(model_dir: str, gguf_path: str, prompt_tokens: int) -> 
     prompt = text + filler + question  # where our prompt has the image embeddings, this has as many text tokens
     threads = physical_cores()  # as our backend
     started = time.perf_counter()
-    llm = Llama(model_path=gguf_path, n_ctx=0, n_batch=512, n_ubatch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+    with model_load(amx) as buffers:
+        llm = Llama(model_path=gguf_path, n_ctx=0, n_batch=512, n_ubatch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
     load_s = time.perf_counter() - started
 
     def run(new_tokens: int) -> dict[str, float]:
@@ -490,7 +507,7 @@ def setup_llamacpp_plain(model_dir: str, gguf_path: str, prompt_tokens: int) -> 
             "generated_tokens": len(times),
         }
 
-    return run, {"pipeline": "llama_cpp.Llama.generate, text-only prompt", "load_s": load_s}
+    return run, {"pipeline": "llama_cpp.Llama.generate, text-only prompt", "load_s": load_s, "llama_cpp_buffers": buffers}
 
 
 def _token_times(tokens: Any) -> list[float]:
@@ -556,7 +573,11 @@ def markdown(result: BenchResult) -> str:
     names = list(result.pipelines)
     lines = [
         f"MobileVLM bench: {options.model or options.size + ' (random weights)'}, {options.new_tokens} new tokens, "
-        f"median of {options.repeats}, {result.machine['cpu']} ({result.machine['cpus']} CPUs)",
+        f"median of {options.repeats}",
+        "",
+        f"CPU: {result.machine['cpu']}, {result.machine['cpus']} CPUs ({result.machine.get('cores', '?')} cores); "
+        f"{' '.join(result.machine.get('cpu_flags', [])) or 'no AVX2/AVX-512/AMX'}"
+        + (f"; GPU: {result.machine['gpu']}" if "gpu" in result.machine else ""),
         "",
         "| metric | " + " | ".join(names) + " |",
         "|---|" + "---:|" * len(names),
@@ -569,6 +590,9 @@ def markdown(result: BenchResult) -> str:
         gguf = result.gguf
         lines += ["", f"GGUF: {Path(gguf['path']).name}, {gguf['size_mb']:.0f} MB, "
                       f"{'built now' if gguf['built_now'] else 'cached'} (build {gguf['build_s']:.1f} s), tensors {gguf['tensor_types']}"]
+    for name in names:
+        if buffers := result.pipelines[name].get("llama_cpp_buffers"):
+            lines += ["", f"llama.cpp weights, {name}: " + ", ".join(f"{kind} {mib:.0f} MiB" for kind, mib in buffers.items())]
     lines += ["", "| ratio | measured | target | met |", "|---|---:|---|---|"]
     for name, ratio in result.ratios.items():
         lines.append(f"| {name} | {ratio['value']:.3f} | {ratio['target']} | {'yes' if ratio['met'] else 'NO'} |")

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from mobilevlm_ros.demo.recipe import Recipe
 from mobilevlm_ros.errors import ConfigError, MobileVLMError, PromptError
+from mobilevlm_ros.runtime.cpu import AMX_SETTINGS
 
 if TYPE_CHECKING:
     from mobilevlm_ros.runtime.vlm import MobileVLM
@@ -90,7 +91,7 @@ def _bench(args: argparse.Namespace) -> int:
     options = BenchOptions(
         size=args.size, model=args.model, language=args.language, quant=args.quant, vs=tuple(args.vs), new_tokens=args.new_tokens,
         repeats=args.repeats, device=args.device, vision=args.vision, vision_dtype=args.vision_dtype, engines_dir=args.engines_dir,
-        tiles=args.tiles, vision_precision=args.vision_precision,
+        tiles=args.tiles, vision_precision=args.vision_precision, llama_amx=AMX_SETTINGS[args.llama_amx],
         **({"work_dir": args.work_dir} if args.work_dir else {}),
     )
     if options.new_tokens < 2 or options.repeats < 1:
@@ -168,6 +169,13 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default="fp16", choices=["fp16", "fp32", "int8"],
                         help="vision engine precision: TensorRT fp16 (default), fp32, int8; onnxruntime int8, else fp32")
     parser.add_argument("--engines-dir", default=None, help="artifact cache (default: the package's engines/)")
+    _add_llama_amx_argument(parser)
+
+
+def _add_llama_amx_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--llama-amx", default="auto", choices=list(AMX_SETTINGS),
+                        help="llama.cpp's AMX weight buffers: auto (default) uses them only on CPUs without AMX, since its AMX "
+                             "matmul crashes on some Intel CPUs; on for builds where it works")
 
 
 def _load_model(args: argparse.Namespace) -> "MobileVLM":
@@ -175,7 +183,8 @@ def _load_model(args: argparse.Namespace) -> "MobileVLM":
     from mobilevlm_ros.runtime.vlm import MobileVLM
 
     return MobileVLM.from_pretrained(args.model or DEMO_CHECKPOINT, device=args.device, language=args.language, quant=args.quant,
-                                     engines_dir=args.engines_dir, vision=args.vision, vision_precision=args.precision)
+                                     engines_dir=args.engines_dir, vision=args.vision, vision_precision=args.precision,
+                                     llama_amx=AMX_SETTINGS[args.llama_amx])
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
@@ -255,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--engines-dir", default=None, help="artifact cache (default: <work-dir>/engines, or the package's for --model)")
     bench.add_argument("--tiles", type=int, default=0,
                        help="also time tiles mode with this tile budget on a 1920x1080 frame: vision for overview + tiles, prompt tokens, TTFT")
+    _add_llama_amx_argument(bench)
     bench.add_argument("--json", default=None, help="also write the results as JSON to this file")
     bench.add_argument("--markdown", default=None, help="also write the Markdown table to this file")
     bench.set_defaults(run=_bench)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mobilevlm_ros.runtime.cpu import cpu_info
 from mobilevlm_ros.runtime.tensorrt import tensorrt_unavailable_reason
 
 
@@ -38,8 +39,10 @@ def checks() -> list[Check]:
     """Every backend and runtime the library can use, probed without loading a model."""
     cuda = torch.cuda.is_available()
     gpu = f"{torch.cuda.get_device_name(0)} (sm_{''.join(map(str, torch.cuda.get_device_capability(0)))})" if cuda else "no CUDA GPU"
+    cpu = cpu_info()
     results = [
         Check("python", True, f"{platform.python_version()} on {platform.machine()}"),
+        Check("cpu", True, cpu.describe()),
         Check("torch (vision, language)", True, f"{torch.__version__}; {gpu}"),
     ]
 
@@ -58,8 +61,14 @@ def checks() -> list[Check]:
     else:
         import llama_cpp
 
+        from mobilevlm_ros.runtime.llamacpp import AMX_BUFFER_TYPE, extra_buffer_types, offered_buffer_types
+
         offload = "GPU offload" if llama_cpp.llama_supports_gpu_offload() else "CPU only"
-        results.append(Check("llamacpp (language)", True, f"llama-cpp-python {llama_cpp.__version__}; {offload}"))
+        used = offered_buffer_types()
+        buffers = f"CPU weight buffers {', '.join(used) or 'plain CPU only'}"
+        if used != extra_buffer_types().names:
+            buffers += f" ({AMX_BUFFER_TYPE} left out by default on this CPU: --llama-amx on to use it)"
+        results.append(Check("llamacpp (language)", True, f"llama-cpp-python {llama_cpp.__version__}; {offload}; {buffers}"))
 
     ros = _importable("rclpy") or _importable("mobilevlm_interfaces.srv")
     distro = os.environ.get("ROS_DISTRO", "ROS 2 from PyPI wheels")

@@ -37,6 +37,18 @@ def figures() -> dict[str, Any]:
     return _figures
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """In an xdist worker: hand the figures to the controlling process, which prints them."""
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["figures"] = json.dumps(_figures)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """In the controlling process: collect a finished worker's figures (a crashed worker's are lost with it)."""
+    _figures.update(json.loads(getattr(node, "workeroutput", {}).get("figures", "{}")))
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if not _figures:
         return

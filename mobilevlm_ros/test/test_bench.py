@@ -1,12 +1,14 @@
 """`mobilevlm bench` end to end at a tiny size: the random checkpoint, the GGUF build and all three timed pipelines,
 each in its own process, then the tables and the JSON."""
 
+import ctypes
 import json
 
 import pytest
 
-from mobilevlm_ros.bench import BenchOptions, BenchResult, markdown, ratios
+from mobilevlm_ros.bench import BenchOptions, BenchResult, _Worker, markdown, ratios
 from mobilevlm_ros.cli import main
+from mobilevlm_ros.runtime.cpu import RELEVANT_FLAGS, cpu_info
 
 
 def test_tiny_bench_runs_every_pipeline(tmp_path, capsys):
@@ -31,6 +33,12 @@ def test_tiny_bench_runs_every_pipeline(tmp_path, capsys):
     assert result["gguf"]["built_now"] and "Q8_0" in result["gguf"]["tensor_types"]
     assert "| decode (tok/s) |" in printed and "| image -> answer speed-up vs reference |" in printed
     assert (tmp_path / "tiny-random-v1" / "tokenizer.model").is_file()
+    cpu = cpu_info()
+    assert result["machine"]["cpu"] == cpu.model and result["machine"]["cpu_flags"] == [f for f in RELEVANT_FLAGS if f in cpu.flags]
+    assert f"CPU: {cpu.model}, {cpu.cpus} CPUs" in printed
+    for name in (ours, plain):  # where llama.cpp put the weights (CPU, or CPU_Mapped for llama-cpp-python's mmap)
+        assert pipelines[name]["llama_cpp_buffers"] and "AMX" not in pipelines[name]["llama_cpp_buffers"]
+        assert f"llama.cpp weights, {name}: " in printed
 
 
 def test_ratios_and_table_from_measurements():
@@ -67,3 +75,12 @@ def test_tiles_adds_the_cost_of_tiles_mode(tmp_path):
     table = (tmp_path / "bench.md").read_text()
     assert "| tiles mode: tiles of a 1920x1080 frame | 3 |" in table and "| tiles mode: time to first token (s) |" in table
     assert main(args[:-4] + ["--tiles", "-1"]) == 1
+
+
+def crash_on_setup() -> None:
+    ctypes.string_at(0)  # SIGSEGV, as llama.cpp's AMX matmul did
+
+
+def test_a_pipeline_process_that_dies_is_named_with_its_signal():
+    with pytest.raises(RuntimeError, match=r"process died \(signal SIGSEGV\) before it answered"):
+        _Worker(crash_on_setup)

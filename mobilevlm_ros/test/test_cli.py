@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from mobilevlm_ros.runtime.cpu import cpu_info
+from mobilevlm_ros.runtime.llamacpp import offered_buffer_types
 from mobilevlm_ros.runtime.vlm import MobileVLM
 
 MOBILEVLM = Path(sys.executable).parent / "mobilevlm"
@@ -68,6 +70,8 @@ def test_doctor_lists_every_backend():
     assert result.returncode == 0, result.stderr
     for component in ("torch", "onnxruntime (vision)", "tensorrt (vision)", "llamacpp (language)", "ROS 2 node"):
         assert f"| {component}" in result.stdout
+    assert f"| cpu | yes | {cpu_info().describe()} |" in result.stdout
+    assert f"CPU weight buffers {', '.join(offered_buffer_types())}" in result.stdout
 
 
 def test_build_the_vision_graph_then_ask_with_onnxruntime(make_checkpoint, image_file, camera_image, tmp_path):

@@ -13,7 +13,8 @@ import torch
 from mobilevlm_ros.cli import main
 from mobilevlm_ros.errors import ArtifactError, BackendError, PromptError
 from mobilevlm_ros.export.gguf import llm_gguf_artifact
-from mobilevlm_ros.runtime.llamacpp import LlamaCppLanguageModel
+from mobilevlm_ros.runtime import llamacpp
+from mobilevlm_ros.runtime.llamacpp import LlamaCppLanguageModel, extra_buffer_types
 from mobilevlm_ros.runtime.sampling import SamplingParams
 from mobilevlm_ros.runtime.session import Answer
 from mobilevlm_ros.runtime.vlm import MobileVLM
@@ -216,3 +217,29 @@ def test_ask_command_on_llamacpp(checkpoint, engines, tmp_path, camera_image, ll
             "--language", "llamacpp", "--quant", "q8_0", "--engines-dir", str(engines), "What is here?"]
     assert main(args) == 0
     assert capsys.readouterr().out == llama_vlms["q8_0"].ask(camera_image, "What is here?", max_new_tokens=6) + "\n"
+
+
+@pytest.fixture(scope="module")
+def repackable_gguf(make_checkpoint, engines):
+    """Q4_K_S of an LLM 256 wide: rows llama.cpp's k-quants and its CPU repacking (x86 AVX2 and up) both take."""
+    return llm_gguf_artifact(make_checkpoint(dtype=torch.float32, hidden_size=256), "q4_k_s", engines).path
+
+
+def test_the_default_keeps_cpu_repacking_and_leaves_amx_out(repackable_gguf):
+    model = LlamaCppLanguageModel(repackable_gguf, kv_cells=64)
+    assert "CPU_REPACK" in extra_buffer_types().names  # llama.cpp built for x86 with AVX2 or better
+    assert "CPU_REPACK" in model.model_buffers and "AMX" not in model.model_buffers
+
+
+def test_a_left_out_buffer_type_holds_no_weights(repackable_gguf, monkeypatch):
+    """The mechanism that keeps AMX out, shown on the buffer type every x86 build has: with CPU_REPACK standing in
+    for AMX, `amx=False` loads every weight into plain CPU buffers, and the model computes the same."""
+    repacked = LlamaCppLanguageModel(repackable_gguf, kv_cells=64)
+    monkeypatch.setattr(llamacpp, "AMX_BUFFER_TYPE", "CPU_REPACK")
+    plain = LlamaCppLanguageModel(repackable_gguf, kv_cells=64, amx=False)
+    assert "CPU_REPACK" not in plain.model_buffers and set(plain.model_buffers) <= {"CPU", "CPU_Mapped"}
+    ids = [1, 15, 27, 33, 8]
+    logits = plain.new_cache().append_tokens(ids), repacked.new_cache().append_tokens(ids)
+    assert torch.nn.functional.cosine_similarity(*logits, dim=0) >= 0.999
+    monkeypatch.undo()
+    assert "CPU_REPACK" in LlamaCppLanguageModel(repackable_gguf, kv_cells=64).model_buffers  # offered again

@@ -51,7 +51,12 @@ def train_tokenizer(path: Path, vocab_size: int = 320) -> Path:
     return path
 
 
-def official_config(projector_type: str, vocab_size: int, vision_tower: str) -> dict:
+def tiny_llama(hidden_size: int = TINY_LLAMA["hidden_size"]) -> dict:
+    """TINY_LLAMA, or as wide as `hidden_size` (the MLP twice that)."""
+    return TINY_LLAMA | {"hidden_size": hidden_size, "intermediate_size": 2 * hidden_size}
+
+
+def official_config(projector_type: str, vocab_size: int, vision_tower: str, hidden_size: int = TINY_LLAMA["hidden_size"]) -> dict:
     """config.json fields as MobileVLM writes them (LLaMA fields plus mm_*)."""
     return {
         "_name_or_path": "tiny-mobilevlm",
@@ -59,7 +64,7 @@ def official_config(projector_type: str, vocab_size: int, vision_tower: str) -> 
         "model_type": "mobilevlm",
         "torch_dtype": "float16",
         "vocab_size": vocab_size,
-        **TINY_LLAMA,
+        **tiny_llama(hidden_size),
         "mm_vision_tower": vision_tower,
         "vision_tower_type": "clip",
         "mm_projector_type": projector_type,
@@ -90,7 +95,7 @@ def projector_state_dict(projector_type: str, generator: torch.Generator, width:
             p + "peg.peg.0.weight": _normal(generator, hidden, 1, 3, 3), p + "peg.peg.0.bias": _normal(generator, hidden),
         }
     if projector_type == "ldpnet":
-        squeeze = 16  # make_divisible(64 // 4, 8)
+        squeeze = hidden // 4  # make_divisible(hidden // 4, 8) for the multiples of 32 written here
         sd = {
             p + "model.mlp.1.weight": _normal(generator, hidden, width), p + "model.mlp.1.bias": _normal(generator, hidden),
             p + "model.mlp.3.weight": _normal(generator, hidden, hidden), p + "model.mlp.3.bias": _normal(generator, hidden),
@@ -127,9 +132,9 @@ def clip_state_dict(seed: int) -> dict[str, torch.Tensor]:
     return {"vision_model." + key: value.clone() for key, value in tower.state_dict().items()}
 
 
-def llama_state_dict(vocab_size: int, seed: int) -> dict[str, torch.Tensor]:
+def llama_state_dict(vocab_size: int, seed: int, hidden_size: int = TINY_LLAMA["hidden_size"]) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
-    llm = LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, **TINY_LLAMA))
+    llm = LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, **tiny_llama(hidden_size)))
     with torch.no_grad():
         for parameter in llm.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.05)
@@ -197,24 +202,26 @@ def write_checkpoint(
     dtype: torch.dtype = torch.float16,
     seed: int = 0,
     context_length: int = TINY_LLAMA["max_position_embeddings"],
+    hidden_size: int = TINY_LLAMA["hidden_size"],
 ) -> Path:
     """A tiny MobileVLM checkpoint directory: config.json, tokenizer.model, weights in `fmt` and `dtype`.
 
     `store_tower` stores the vision tower in the checkpoint (as official ones do); `write_tower_dir` also writes a
     CLIP directory (other random weights) at `vision_tower` relative to the checkpoint, where config.json points.
-    `context_length` only changes config.json (RoPE has no position weights).
+    `context_length` only changes config.json (RoPE has no position weights). `hidden_size` widens the LLM (and the
+    projector's output): 256 gives rows that llama.cpp's k-quants and CPU repacking take.
     """
     directory.mkdir(parents=True, exist_ok=True)
     if write_tower_dir:
         write_clip_tower(directory / vision_tower, seed + 2)
     sp = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_model))
     vocab_size = sp.get_piece_size()
-    config = official_config(projector_type, vocab_size, vision_tower) | {"max_position_embeddings": context_length}
+    config = official_config(projector_type, vocab_size, vision_tower, hidden_size) | {"max_position_embeddings": context_length}
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     (directory / "tokenizer.model").write_bytes(tokenizer_model.read_bytes())
     (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>"}))
     generator = torch.Generator().manual_seed(seed)
-    weights = llama_state_dict(vocab_size, seed) | projector_state_dict(projector_type, generator)
+    weights = llama_state_dict(vocab_size, seed, hidden_size) | projector_state_dict(projector_type, generator, hidden=hidden_size)
     if store_tower:
         weights |= {VISION_PREFIX + key: value for key, value in clip_state_dict(seed + 1).items()}
     write_weights(directory, {key: value.to(dtype) for key, value in weights.items()}, fmt)

@@ -34,7 +34,8 @@ from mobilevlm_ros.errors import ArtifactError, ConfigError
 from mobilevlm_ros.export.artifacts import Artifact, ArtifactKey, get_or_build, model_fingerprint
 from mobilevlm_ros.model.checkpoint import load_checkpoint
 from mobilevlm_ros.model.prompt import SentencePieceTokenizer
-from mobilevlm_ros.runtime.llamacpp import init_llama_cpp, physical_cores
+from mobilevlm_ros.runtime.cpu import physical_cores
+from mobilevlm_ros.runtime.llamacpp import init_llama_cpp
 
 logger = logging.getLogger(__name__)
 

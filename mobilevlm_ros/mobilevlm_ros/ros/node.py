@@ -40,6 +40,7 @@ from mobilevlm_ros.ros.frames import Frame, FrameError, FrameStore
 from mobilevlm_ros.ros.image_conversion import rgb_to_image
 from mobilevlm_ros.ros.parameters import SPECS, declare_parameters, parameter_values
 from mobilevlm_ros.ros.worker import Busy, InferenceWorker, Request, Result
+from mobilevlm_ros.runtime.cpu import AMX_SETTINGS
 from mobilevlm_ros.runtime.sampling import SamplingParams
 from mobilevlm_ros.runtime.vlm import MobileVLM
 
@@ -157,6 +158,7 @@ class MobileVLMNode(LifecycleNode):
             vision=p["vision_backend"],
             vision_precision=p["vision_precision"],
             engines_dir=p["engines_dir"] or None,
+            llama_amx=AMX_SETTINGS[p["llama_amx"]],
         )
 
     def _create_interfaces(self) -> None:

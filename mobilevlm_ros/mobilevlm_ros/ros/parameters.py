@@ -9,6 +9,7 @@ from typing import Any
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.node import Node
 
+from mobilevlm_ros.runtime.cpu import AMX_SETTINGS
 from mobilevlm_ros.runtime.navigation import NAVIGATION_ACTIONS, NAVIGATION_PROMPT
 
 
@@ -41,6 +42,8 @@ SPECS = (
     Spec("vision_precision", "fp16", "TensorRT engine precision.", choices=("fp16", "fp32")),
     Spec("language_backend", "torch", "Language model runtime.", choices=("torch", "llamacpp")),
     Spec("quant", "q4_k_s", "GGUF quantization for the llamacpp backend.", choices=("q4_k_s", "q4_k_m", "q8_0", "f16", "f32")),
+    Spec("llama_amx", "auto", "llama.cpp's AMX weight buffers: auto uses them only on CPUs without AMX (its AMX matmul crashes "
+         "on some Intel CPUs), on for llama.cpp builds where it works.", choices=tuple(AMX_SETTINGS)),
     Spec("device", "auto", "Where torch runs: auto (CUDA when present), cpu, cuda or cuda:N."),
     Spec("engines_dir", "", "Directory for built artifacts (GGUF, engines); empty = the package's engines/ directory."),
     Spec("max_new_tokens", 64, "Default answer length limit in tokens (a request's max_new_tokens overrides it).", int_range=(1, 2048)),

@@ -11,16 +11,20 @@ others are small; when the cells run out, the append fails with BackendError and
 
 import ctypes
 import logging
-import os
+import re
 import threading
 import weakref
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import llama_cpp
+import llama_cpp._ggml
 import numpy as np
 import torch
 
 from mobilevlm_ros.errors import ArtifactError, BackendError
+from mobilevlm_ros.runtime.cpu import cpu_info, physical_cores
 from mobilevlm_ros.runtime.language import check_room
 
 logger = logging.getLogger(__name__)
@@ -29,9 +33,15 @@ llama_logger = logging.getLogger(__name__ + ".native")
 # ggml_log_level in this llama.cpp: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (continues the previous
 # message). llama-cpp-python's own _logger.py still assumes an older order, which is one reason not to use it.
 _LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}
-_log_state = {"pending": "", "level": logging.DEBUG}
+_log_state: dict = {"pending": "", "level": logging.DEBUG, "capture": None}
 _init_lock = threading.Lock()
 _initialized = False
+_load_lock = threading.Lock()  # a model loads with the CPU buffer types chosen for it, not another thread's
+_MODEL_BUFFER = re.compile(r"^\S+:\s+(\S+) model buffer size =\s+([\d.]+) MiB")
+
+# ggml's name of its AMX weight buffer type (ggml-cpu/amx). With it, llama.cpp's matmuls on AMX CPUs run
+# ggml_backend_amx_mul_mat, which crashes on some of them (llama-cpp-python 0.3.36; no upstream fix).
+AMX_BUFFER_TYPE = "AMX"
 
 
 @llama_cpp.llama_log_callback
@@ -44,6 +54,8 @@ def _route_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     for line in lines:
         if line.strip():
             llama_logger.log(_log_state["level"], "%s", line.rstrip())
+            if _log_state["capture"] is not None:
+                _log_state["capture"].append(line)
 
 
 def init_llama_cpp() -> None:
@@ -56,17 +68,82 @@ def init_llama_cpp() -> None:
             _initialized = True
 
 
-def physical_cores() -> int:
-    """Cores this process may run on, counting hyper-threads once: llama.cpp is slower with one thread per hyper-thread."""
-    allowed = os.sched_getaffinity(0)
-    cores = set()
-    try:
-        for cpu in allowed:
-            siblings = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip()
-            cores.add(siblings)
-    except OSError:
-        return len(allowed)
-    return len(cores)
+def amx_allowed(cpu_flags: Collection[str], amx: bool | None = None) -> bool:
+    """Whether llama.cpp may keep weights in its AMX buffer type. `amx=None` decides by the CPU's features: not on a
+    CPU with AMX, where that path crashes; elsewhere the buffer type does not exist, so allowing it changes nothing.
+    `amx=True` is for llama.cpp builds where AMX works."""
+    return amx if amx is not None else "amx_int8" not in cpu_flags
+
+
+class _ExtraBufferTypes:
+    """llama.cpp's extra CPU buffer types: weight layouts for faster kernels (CPU_REPACK, AMX, ...), offered by ggml's
+    CPU backend as a NULL-terminated array that llama.cpp reads at every model load (llama_model_params has only
+    `use_extra_bufts`, all or none). Keeping CPU_REPACK while leaving AMX out means editing that array in place;
+    the full list is remembered, so a later selection can put entries back. Process-wide, like ggml's backends."""
+
+    def __init__(self) -> None:
+        ggml = llama_cpp._ggml.libggml
+        ggml.ggml_backend_dev_by_type.restype = ctypes.c_void_p
+        ggml.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
+        ggml.ggml_backend_dev_backend_reg.restype = ctypes.c_void_p
+        ggml.ggml_backend_dev_backend_reg.argtypes = [ctypes.c_void_p]
+        ggml.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
+        ggml.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        ggml.ggml_backend_buft_name.restype = ctypes.c_char_p
+        ggml.ggml_backend_buft_name.argtypes = [ctypes.c_void_p]
+        cpu = ggml.ggml_backend_dev_by_type(0)  # GGML_BACKEND_DEVICE_TYPE_CPU
+        address = ggml.ggml_backend_reg_get_proc_address(ggml.ggml_backend_dev_backend_reg(cpu), b"ggml_backend_dev_get_extra_bufts")
+        self._array = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)(address)(cpu) if address else None
+        self.all: list[tuple[str, int]] = []  # (name, buffer type) in llama.cpp's order of preference
+        while self._array and self._array[len(self.all)]:
+            buffer_type = self._array[len(self.all)]
+            self.all.append((ggml.ggml_backend_buft_name(buffer_type).decode(), buffer_type))
+        self._lock = threading.Lock()
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.all]
+
+    def offer(self, names: Collection[str]) -> None:
+        """Offer the models loaded from now on only the extra buffer types in `names` (in llama.cpp's order)."""
+        kept = [buffer_type for name, buffer_type in self.all if name in names]
+        with self._lock:
+            for i in range(len(self.all)):
+                self._array[i] = kept[i] if i < len(kept) else None
+
+
+_extra_buffer_types: _ExtraBufferTypes | None = None
+
+
+def extra_buffer_types() -> _ExtraBufferTypes:
+    global _extra_buffer_types
+    init_llama_cpp()
+    with _init_lock:
+        if _extra_buffer_types is None:
+            _extra_buffer_types = _ExtraBufferTypes()
+    return _extra_buffer_types
+
+
+def offered_buffer_types(amx: bool | None = None) -> list[str]:
+    """The extra CPU buffer types llama.cpp may put weights in under the `amx` setting (see `amx_allowed`)."""
+    allowed = amx_allowed(cpu_info().flags, amx)
+    return [name for name in extra_buffer_types().names if allowed or name != AMX_BUFFER_TYPE]
+
+
+@contextmanager
+def model_load(amx: bool | None = None) -> Iterator[dict[str, float]]:
+    """Around loading a llama.cpp model (ours or llama-cpp-python's `Llama`): offer it the extra CPU buffer types that
+    `amx_allowed` permits, and fill the yielded dict with where the weights went, in MiB per buffer type
+    (CPU_REPACK, AMX, CPU, CUDA0, ...) as llama.cpp reports them."""
+    buffers: dict[str, float] = {}
+    with _load_lock:
+        extra_buffer_types().offer(offered_buffer_types(amx))
+        _log_state["capture"] = lines = []
+        try:
+            yield buffers
+        finally:
+            _log_state["capture"] = None
+    buffers |= {match[1]: float(match[2]) for line in lines if (match := _MODEL_BUFFER.match(line))}
 
 
 class LlamaCppLanguageModel:
@@ -85,17 +162,20 @@ class LlamaCppLanguageModel:
         flash_attention: bool = False,
         gpu_layers: int = -1,
         mmap: bool = False,
+        amx: bool | None = None,
     ):
         """`context_length` defaults to the model's; `kv_cells` (shared by all sequences) to `context_length`.
         `gpu_layers` -1 offloads every layer when llama.cpp was built with a GPU backend (ignored otherwise).
         `mmap` maps the file instead of reading it: the CPU backend repacks quantized weights into its own buffers,
-        and the mapped pages it read stay resident too (a 1.4B Q4_K_S model adds 1.8 GB of RSS mapped, 1.2 GB read)."""
+        and the mapped pages it read stay resident too (a 1.4B Q4_K_S model adds 1.8 GB of RSS mapped, 1.2 GB read).
+        `amx` lets llama.cpp use its AMX buffer type (None: only on CPUs without AMX, see `amx_allowed`)."""
         init_llama_cpp()
         self.path = Path(gguf_path)
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = 999 if gpu_layers < 0 else gpu_layers
         model_params.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP if mmap else llama_cpp.LLAMA_LOAD_MODE_NONE
-        model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), model_params)
+        with model_load(amx) as self.model_buffers:
+            model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), model_params)
         if not model:
             raise ArtifactError(f"{self.path}: llama.cpp cannot load this GGUF file (see the llama_cpp log)")
         self._model = model
@@ -130,7 +210,8 @@ class LlamaCppLanguageModel:
         self._released: list[int] = []  # sequences of collected caches, cleared at the next use of the context
         self._lock = threading.Lock()  # one context: decodes from several threads must not interleave
         self._finalizer = weakref.finalize(self, _free_native, model, context, self._token_batch, self._embed_batch)
-        logger.info("llama.cpp: %s, %d KV cells for %d sequences, %d threads", self.path.name, self.kv_cells, max_sequences, self.threads)
+        logger.info("llama.cpp: %s, %d KV cells for %d sequences, %d threads, weights in %s", self.path.name, self.kv_cells,
+                    max_sequences, self.threads, ", ".join(f"{name} {mib:.0f} MiB" for name, mib in self.model_buffers.items()))
 
     def _batch_views(self, batch: llama_cpp.llama_batch, payload: str) -> dict[str, np.ndarray]:
         n = self.batch_size

@@ -105,6 +105,7 @@ class MobileVLM:
         vision: Literal["torch", "onnxruntime", "tensorrt"] = "torch",
         vision_precision: Literal["fp16", "fp32", "int8"] = "fp16",
         int8: bool = False,
+        llama_amx: bool | None = None,
     ) -> "MobileVLM":
         """Load a checkpoint directory; fp16 on CUDA and fp32 on CPU unless `dtype` says otherwise.
 
@@ -112,6 +113,8 @@ class MobileVLM:
         cache in `engines_dir`, built there first when missing or stale (or an ArtifactError with `build=False`).
         Then only the vision tower and projector are loaded into torch, in `dtype` on `device`. Its sessions share one
         KV buffer of the context length, at most 4 open at once (BackendError beyond; a dropped session frees its place).
+        `llama_amx` lets llama.cpp use its AMX weight buffers; None (the default) does only on CPUs without AMX, because
+        its AMX matmul crashes on some Intel CPUs that have it (runtime/llamacpp.py; CPU repacking stays on).
         `vision="onnxruntime"` runs the exported vision graph (`vision_precision="int8"`: its int8 version, else fp32),
         `vision="tensorrt"` an engine built for this GPU in `vision_precision` (int8 engines are built beforehand by
         `mobilevlm build --calibration-dir`); both come from the same artifact cache and replace the torch tower and
@@ -129,7 +132,7 @@ class MobileVLM:
 
             artifact = llm_gguf_artifact(path, quant, engines_dir, build)
             checkpoint = load_checkpoint(path, dtype=dtype, device=device, with_language_model=False)
-            vlm = cls(checkpoint, LlamaCppLanguageModel(artifact.path, checkpoint.config.context_length))
+            vlm = cls(checkpoint, LlamaCppLanguageModel(artifact.path, checkpoint.config.context_length, amx=llama_amx))
         else:
             raise ConfigError(f"unknown language backend {language!r} (expected torch or llamacpp)")
         vlm.vision = vision_backend(vlm.model, Path(path), vision, vision_precision, device, engines_dir, build)
