@@ -42,6 +42,8 @@ from typing import Any
 
 import numpy as np
 
+from mobilevlm_ros.choices import vision_precision
+
 logger = logging.getLogger(__name__)
 
 CLIP_L_336 = dict(
@@ -78,7 +80,7 @@ class BenchOptions:
     device: str = "cpu"
     vision_dtype: str = "float32"  # torch dtype of our pipeline's vision tower and projector (and LLM, with torch)
     vision: str = "torch"  # our vision backend; with any other, torch eager's vision step is timed beside it
-    vision_precision: str = "fp32"  # of a non-torch vision backend: onnxruntime fp32 / int8, tensorrt fp16 / fp32 / int8
+    vision_precision: str = "auto"  # of a non-torch vision backend (choices.VISION_PRECISIONS; auto: its default)
     work_dir: str = str(Path.home() / ".cache" / "mobilevlm_ros" / "bench")
     engines_dir: str | None = None  # default: <work_dir>/engines for random models, the package's engines/ for --model
     tiles: int = 0  # > 0: also time `tiles` mode with this tile budget on a TILES_FRAME-sized frame
@@ -111,7 +113,8 @@ def run_bench(options: BenchOptions) -> BenchResult:
     result = BenchResult(options, machine_info(), str(model_dir))
     if options.language == "llamacpp" or "llamacpp-plain" in options.vs:
         result.gguf = _in_fresh_process(build_gguf, str(model_dir), options.quant, engines_dir)
-    vision = "" if options.vision == "torch" else f", {options.vision} {options.vision_precision} vision"
+    precision = vision_precision(options.vision, options.vision_precision)
+    vision = "" if options.vision == "torch" else f", {options.vision} {precision} vision"
     ours = f"ours ({options.language} " + (options.quant if options.language == "llamacpp" else options.vision_dtype) + f"{vision})"
     with ExitStack() as stack:
         group = {ours: stack.enter_context(_Worker(setup_ours, str(model_dir), options, engines_dir))}

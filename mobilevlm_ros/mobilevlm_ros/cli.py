@@ -11,25 +11,29 @@ from typing import TYPE_CHECKING
 
 from mobilevlm_ros.demo.recipe import Recipe
 from mobilevlm_ros.errors import ConfigError, MobileVLMError, PromptError
-from mobilevlm_ros.runtime.cpu import AMX_SETTINGS
+from mobilevlm_ros.choices import (
+    AMX_SETTINGS, AUTO, IMAGE_MODES, LANGUAGE_BACKENDS, PRECISIONS, QUANTS, VISION_BACKENDS, vision_precision,
+)
 
 if TYPE_CHECKING:
     from mobilevlm_ros.runtime.vlm import MobileVLM
 
 logger = logging.getLogger("mobilevlm")
 
-# The GGUF types of export.gguf (not imported here: that loads llama.cpp, which `--help` should not wait for).
-QUANTS = ("q4_k_s", "q4_k_m", "q8_0", "f16", "f32")
+# `mobilevlm build --vision`: the artifact each vision backend runs.
+VISION_ARTIFACTS = {"onnx": "onnxruntime", "tensorrt": "tensorrt"}
 
 
 def _ask(args: argparse.Namespace) -> int:
     from mobilevlm_ros.model.preprocess import load_image_file
     from mobilevlm_ros.model.prompt import build_prompt
 
-    build_prompt(args.question)  # an empty question fails before the model loads
+    build_prompt(args.question)  # an empty question or a bad backend choice fails before anything is read
+    vision_precision(args.vision, args.precision)
     image = load_image_file(args.image)
     vlm = _load_model(args)
-    answer = vlm.ask(image, args.question, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    answer = vlm.ask(image, args.question, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                     mode="crop" if args.roi else args.mode, roi=tuple(args.roi) if args.roi else None)
     sys.stdout.write(answer + "\n")
     return 0
 
@@ -49,14 +53,12 @@ def _build(args: argparse.Namespace) -> int:
         from mobilevlm_ros.runtime.vlm import default_device
 
         engines = Path(args.engines_dir) if args.engines_dir else None
-        precision = args.precision or ("fp32" if args.vision == "onnx" else "fp16")
+        precision = vision_precision(VISION_ARTIFACTS[args.vision], args.precision)
         if args.calibration_dir and (args.vision, precision) != ("tensorrt", "int8"):
             raise ConfigError("--calibration-dir is for --vision tensorrt --precision int8 (ONNX int8 needs no calibration)")
         if args.vision == "onnx":
             from mobilevlm_ros.export.onnx import onnx_artifact
 
-            if precision == "fp16":
-                raise ConfigError("an ONNX graph is fp32 or int8 (fp16 is a TensorRT precision)")
             model = load_checkpoint(args.model, with_language_model=False).model
             artifacts.append(onnx_artifact(model, Path(args.model), engines, build=True, precision=precision))
         else:
@@ -163,13 +165,18 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Which checkpoint to load and on which backends."""
     parser.add_argument("--model", default=None, help="MobileVLM checkpoint directory (default: the shipped demo model)")
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
-    parser.add_argument("--language", default="torch", choices=["torch", "llamacpp"], help="language backend (default torch)")
+    parser.add_argument("--language", default="torch", choices=LANGUAGE_BACKENDS, help="language backend (default torch)")
     parser.add_argument("--quant", default="q4_k_s", choices=QUANTS, help="GGUF type for --language llamacpp (default q4_k_s)")
-    parser.add_argument("--vision", default="torch", choices=["torch", "onnxruntime", "tensorrt"], help="vision backend (default torch)")
-    parser.add_argument("--precision", default="fp16", choices=["fp16", "fp32", "int8"],
-                        help="vision engine precision: TensorRT fp16 (default), fp32, int8; onnxruntime int8, else fp32")
+    parser.add_argument("--vision", default="torch", choices=VISION_BACKENDS, help="vision backend (default torch)")
+    _add_precision_argument(parser, "--precision")
     parser.add_argument("--engines-dir", default=None, help="artifact cache (default: the package's engines/)")
     _add_llama_amx_argument(parser)
+
+
+def _add_precision_argument(parser: argparse.ArgumentParser, flag: str) -> None:
+    parser.add_argument(flag, default=AUTO, choices=(AUTO, *PRECISIONS),
+                        help="vision precision: auto (default) = TensorRT fp16, onnxruntime fp32; TensorRT also fp32 and int8, "
+                             "onnxruntime int8; torch runs the model's dtype")
 
 
 def _add_llama_amx_argument(parser: argparse.ArgumentParser) -> None:
@@ -206,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit in tokens")
     ask.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     ask.add_argument("--seed", type=int, default=None, help="sampling seed")
+    ask.add_argument("--mode", default="overview", choices=IMAGE_MODES,
+                     help="how the model sees the image: overview (default, as upstream), tiles, per_tile, crop (needs --roi)")
+    ask.add_argument("--roi", type=int, nargs=4, metavar=("X", "Y", "WIDTH", "HEIGHT"), default=None,
+                     help="region of interest in pixels of the image, seen at full resolution (implies --mode crop)")
     ask.set_defaults(run=_ask)
 
     evaluate = commands.add_parser("eval", help="exact-match accuracy (and POPE yes/no metrics) on a question/answer JSON-lines file")
@@ -234,9 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     build = commands.add_parser("build", help="build artifacts (LLM as GGUF, vision as ONNX / TensorRT engine) into the engines directory")
     build.add_argument("--model", required=True, help="MobileVLM checkpoint directory")
     build.add_argument("--llm", choices=["gguf"], help="what to build for the language model")
-    build.add_argument("--vision", choices=["onnx", "tensorrt"], help="what to build for the vision tower + projector")
-    build.add_argument("--precision", default=None, choices=["fp16", "fp32", "int8"],
-                       help="TensorRT: fp16 (default), fp32, int8; ONNX: fp32 (default), int8 (dynamically quantized, for CPUs)")
+    build.add_argument("--vision", choices=list(VISION_ARTIFACTS), help="what to build for the vision tower + projector")
+    _add_precision_argument(build, "--precision")
     build.add_argument("--calibration-dir", default=None, help="TensorRT int8: a directory of sample images (jpg, png) to calibrate on")
     build.add_argument("--max-batch", type=int, default=8, help="TensorRT profile: largest batch of tiles (default 8)")
     build.add_argument("--workspace-mb", type=int, default=1024, help="TensorRT builder workspace limit (default 1024 MB, fits an 8 GB Orin Nano)")
@@ -248,12 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     source = bench.add_mutually_exclusive_group()
     source.add_argument("--size", default="1.7b", choices=["1.7b", "3b", "tiny"], help="random-weight model of this architecture (default 1.7b)")
     source.add_argument("--model", default=None, help="a checkpoint directory instead of a random model")
-    bench.add_argument("--language", default="llamacpp", choices=["torch", "llamacpp"], help="our language backend (default llamacpp)")
+    bench.add_argument("--language", default="llamacpp", choices=LANGUAGE_BACKENDS, help="our language backend (default llamacpp)")
     bench.add_argument("--quant", default="q4_k_s", choices=QUANTS, help="GGUF type (default q4_k_s)")
-    bench.add_argument("--vision", default="torch", choices=["torch", "onnxruntime", "tensorrt"],
+    bench.add_argument("--vision", default="torch", choices=VISION_BACKENDS,
                        help="our vision backend; other than torch, torch eager is timed beside it (default torch)")
-    bench.add_argument("--vision-precision", default="fp32", choices=["fp16", "fp32", "int8"],
-                       help="precision of --vision onnxruntime (fp32, int8) or tensorrt (default fp32)")
+    _add_precision_argument(bench, "--vision-precision")
     bench.add_argument("--vs", action="append", default=[], choices=["reference", "llamacpp-plain"], help="baseline to time too (repeatable)")
     bench.add_argument("--new-tokens", type=int, default=64, help="tokens per answer, EOS suppressed (default 64)")
     bench.add_argument("--repeats", type=int, default=3, help="timed runs per pipeline after a warm-up; medians reported (default 3)")

@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mobilevlm_ros.cli import QUANTS, main
+from mobilevlm_ros.choices import QUANTS
+from mobilevlm_ros.cli import main
 from mobilevlm_ros.errors import ConfigError
 from mobilevlm_ros.export.gguf import QUANT_FILE_TYPES, build_llm_gguf, llm_gguf_artifact, write_gguf
 from mobilevlm_ros.model.checkpoint import load_checkpoint
@@ -126,9 +127,9 @@ def test_k_quants_fall_back_per_tensor_on_tiny_rows(make_checkpoint, tmp_path, c
 
 
 def test_unknown_quant_is_refused(make_checkpoint, tmp_path):
-    with pytest.raises(ConfigError, match="unknown GGUF quantization 'q3_k'"):
+    with pytest.raises(ConfigError, match=r"unknown GGUF quantization 'q3_k' \(expected q4_k_s, q4_k_m, q8_0, f16, f32\)"):
         llm_gguf_artifact(make_checkpoint(), "q3_k", tmp_path)
-    assert set(QUANTS) == set(QUANT_FILE_TYPES)
+    assert tuple(QUANT_FILE_TYPES) == QUANTS
 
 
 def test_build_command_prints_a_summary_and_caches(make_checkpoint, tmp_path, capsys):

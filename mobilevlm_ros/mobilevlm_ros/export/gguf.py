@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from transformers import LlamaForCausalLM
 
+from mobilevlm_ros.choices import QUANTS, check_choice
 from mobilevlm_ros.errors import ArtifactError, ConfigError
 from mobilevlm_ros.export.artifacts import Artifact, ArtifactKey, get_or_build, model_fingerprint
 from mobilevlm_ros.model.checkpoint import load_checkpoint
@@ -41,14 +42,13 @@ logger = logging.getLogger(__name__)
 
 # Bump when the written file changes for the same checkpoint, so cached GGUFs are rebuilt.
 EXPORT_VERSION = 1
-QUANT_FILE_TYPES = {
-    "f32": llama_cpp.LLAMA_FTYPE_ALL_F32,
-    "f16": llama_cpp.LLAMA_FTYPE_MOSTLY_F16,
-    "q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0,
+QUANT_FILE_TYPES = {  # llama.cpp's file type of each of choices.QUANTS
     "q4_k_s": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_S,
     "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
+    "q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0,
+    "f16": llama_cpp.LLAMA_FTYPE_MOSTLY_F16,
+    "f32": llama_cpp.LLAMA_FTYPE_ALL_F32,
 }
-QUANTS = tuple(QUANT_FILE_TYPES)
 
 
 def write_gguf(llm: LlamaForCausalLM, tokenizer: SentencePieceTokenizer, path: str | Path, file_type: str = "f16", name: str = "MobileLLaMA") -> None:
@@ -176,8 +176,7 @@ def tensor_types(path: str | Path) -> dict[str, int]:
 
 def build_llm_gguf(model_dir: str | Path, quant: str, target: str | Path) -> Mapping[str, Any]:
     """Write the checkpoint's language model to `target` as `quant`; returns what the manifest records about it."""
-    if quant not in QUANT_FILE_TYPES:
-        raise ConfigError(f"unknown GGUF quantization {quant!r} (expected one of {', '.join(QUANTS)})")
+    check_choice("GGUF quantization", quant, QUANTS)
     target = Path(target)
     # Official checkpoints are fp16: loading them as fp16 (not fp32) halves the memory and loses nothing.
     checkpoint = load_checkpoint(model_dir, dtype=torch.float32 if quant == "f32" else torch.float16)
@@ -200,8 +199,7 @@ def build_llm_gguf(model_dir: str | Path, quant: str, target: str | Path) -> Map
 
 def llm_gguf_artifact(model_dir: str | Path, quant: str = "q4_k_s", engines_dir: str | Path | None = None, build: bool = True) -> Artifact:
     """The checkpoint's language model as a GGUF in the artifact cache, built when missing or stale."""
-    if quant not in QUANT_FILE_TYPES:
-        raise ConfigError(f"unknown GGUF quantization {quant!r} (expected one of {', '.join(QUANTS)})")
+    check_choice("GGUF quantization", quant, QUANTS)
     key = ArtifactKey(
         model_hash=model_fingerprint(model_dir),
         component="llm",

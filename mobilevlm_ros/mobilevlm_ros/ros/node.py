@@ -40,7 +40,7 @@ from mobilevlm_ros.ros.frames import Frame, FrameError, FrameStore
 from mobilevlm_ros.ros.image_conversion import rgb_to_image
 from mobilevlm_ros.ros.parameters import SPECS, declare_parameters, parameter_values
 from mobilevlm_ros.ros.worker import Busy, InferenceWorker, Request, Result
-from mobilevlm_ros.runtime.cpu import AMX_SETTINGS
+from mobilevlm_ros.choices import AMX_SETTINGS
 from mobilevlm_ros.runtime.sampling import SamplingParams
 from mobilevlm_ros.runtime.vlm import MobileVLM
 

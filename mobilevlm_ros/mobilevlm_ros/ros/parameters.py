@@ -9,7 +9,9 @@ from typing import Any
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.node import Node
 
-from mobilevlm_ros.runtime.cpu import AMX_SETTINGS
+from mobilevlm_ros.choices import (
+    AMX_SETTINGS, AUTO, DEFAULT_IMAGE_MODES, LANGUAGE_BACKENDS, PRECISIONS, QUANTS, VISION_BACKENDS,
+)
 from mobilevlm_ros.runtime.navigation import NAVIGATION_ACTIONS, NAVIGATION_PROMPT
 
 
@@ -38,10 +40,11 @@ class Spec:
 SPECS = (
     Spec("model_path", "", "MobileVLM checkpoint directory (config.json, weights, tokenizer); empty = the shipped demo model."),
     Spec("vision_backend", "torch", "Vision tower + projector runtime (onnxruntime and tensorrt build their artifact on first use).",
-         choices=("torch", "onnxruntime", "tensorrt")),
-    Spec("vision_precision", "fp16", "TensorRT engine precision.", choices=("fp16", "fp32")),
-    Spec("language_backend", "torch", "Language model runtime.", choices=("torch", "llamacpp")),
-    Spec("quant", "q4_k_s", "GGUF quantization for the llamacpp backend.", choices=("q4_k_s", "q4_k_m", "q8_0", "f16", "f32")),
+         choices=VISION_BACKENDS),
+    Spec("vision_precision", AUTO, "Precision of the vision backend: auto = TensorRT fp16, onnxruntime fp32; TensorRT also "
+         "fp32 and int8, onnxruntime int8; torch runs the model's dtype (auto only).", choices=(AUTO, *PRECISIONS)),
+    Spec("language_backend", "torch", "Language model runtime.", choices=LANGUAGE_BACKENDS),
+    Spec("quant", "q4_k_s", "GGUF quantization for the llamacpp backend.", choices=QUANTS),
     Spec("llama_amx", "auto", "llama.cpp's AMX weight buffers: auto uses them only on CPUs without AMX (its AMX matmul crashes "
          "on some Intel CPUs), on for llama.cpp builds where it works.", choices=tuple(AMX_SETTINGS)),
     Spec("device", "auto", "Where torch runs: auto (CUDA when present), cpu, cuda or cuda:N."),
@@ -52,7 +55,7 @@ SPECS = (
          "How a question sees the frame when its request names no mode: overview (the whole frame at the vision tower's "
          "resolution, as upstream), tiles (overview and tiles in one prompt) or per_tile (each tile asked, the most "
          "confident answer kept). A request's roi means crop; ~/navigate always uses the overview.",
-         choices=("overview", "tiles", "per_tile")),
+         choices=DEFAULT_IMAGE_MODES),
     Spec("max_tiles", 6, "Tile budget of tiles and per_tile (MiniCPM-V's grid choice over tiles of the vision tower's size); "
          "tiles puts (1 + tiles) x the image tokens in the prompt.", int_range=(1, 32)),
     Spec("max_question_chars", 2000, "Longer questions are refused with an error.", int_range=(1, 1_000_000)),

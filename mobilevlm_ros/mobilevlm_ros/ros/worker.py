@@ -51,7 +51,7 @@ class Request:
     frame: Frame
     actions: list[str] = field(default_factory=list)
     params: SamplingParams = field(default_factory=SamplingParams)
-    mode: str = "overview"  # how the model sees the frame (runtime.vlm.IMAGE_MODES); navigation uses the overview
+    mode: str = "overview"  # how the model sees the frame (choices.IMAGE_MODES); navigation uses the overview
     roi: Roi | None = None  # x, y, width, height: mode crop's region
     max_tiles: int = DEFAULT_MAX_TILES
     on_text: Callable[[str, int], None] | None = None  # streaming: (text so far, tokens so far)

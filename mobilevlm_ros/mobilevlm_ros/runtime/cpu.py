@@ -12,9 +12,6 @@ from pathlib import Path
 
 # The features that change which matmul kernels torch and llama.cpp use, as /proc/cpuinfo spells them.
 RELEVANT_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
-# Whether llama.cpp may use its AMX buffer type, as the CLI and the node spell it (auto: decided by the CPU's
-# features, see runtime/llamacpp.py amx_allowed).
-AMX_SETTINGS = {"auto": None, "on": True, "off": False}
 
 
 @dataclass(frozen=True)

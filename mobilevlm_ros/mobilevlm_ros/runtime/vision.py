@@ -55,6 +55,7 @@ class OnnxRuntimeVision:
             self.session = onnxruntime.InferenceSession(str(path), options, providers=providers)
         except Exception as error:  # onnxruntime raises its own exception types for unreadable graphs
             raise BackendError(f"{path}: ONNX Runtime cannot load the vision graph ({error})") from error
+        self.path = path
         self.input_name, self.output_name = input_name, output_name
         self.providers = self.session.get_providers()
 

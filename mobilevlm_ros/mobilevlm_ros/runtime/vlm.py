@@ -5,11 +5,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from PIL import Image
 
+from mobilevlm_ros import choices
+from mobilevlm_ros.choices import AUTO, IMAGE_MODES, LANGUAGE_BACKENDS, check_choice
 from mobilevlm_ros.errors import ConfigError, PromptError
 from mobilevlm_ros.model.checkpoint import LoadedCheckpoint, load_checkpoint
 from mobilevlm_ros.model.mobilevlm import MobileLlamaForCausalLM
@@ -23,9 +24,6 @@ from mobilevlm_ros.runtime.vision import OnnxRuntimeVision, TorchVision, VisionB
 
 logger = logging.getLogger(__name__)
 
-# How a frame is shown to the model: the whole frame at the tower's resolution (upstream); that overview and the
-# tiles of the frame in one prompt; each tile asked on its own; a region of interest at full resolution.
-IMAGE_MODES = ("overview", "tiles", "per_tile", "crop")
 Roi = tuple[int, int, int, int]  # x, y, width, height in pixels of the frame
 
 
@@ -44,18 +42,18 @@ def default_device() -> torch.device:
 
 
 def vision_backend(
-    model: MobileLlamaForCausalLM, model_dir: Path, name: str, precision: str, device: torch.device,
+    model: MobileLlamaForCausalLM, model_dir: Path, name: str, precision: str | None, device: torch.device,
     engines_dir: str | Path | None, build: bool,
 ) -> VisionBackend:
-    """The vision backend `name`, its graph or engine taken from (or built into) the artifact cache."""
+    """The vision backend `name` running `precision` (choices.vision_precision), its graph or engine taken from (or
+    built into) the artifact cache."""
     engines = Path(engines_dir) if engines_dir is not None else None
     if name == "torch":
         return TorchVision(model)
     if name == "onnxruntime":
         from mobilevlm_ros.export.onnx import onnx_artifact
 
-        # fp16 is TensorRT's precision: ONNX Runtime on a CPU has no fast fp16 kernels, so it runs the fp32 graph.
-        graph = onnx_artifact(model, model_dir, engines, build, precision="int8" if precision == "int8" else "fp32").path
+        graph = onnx_artifact(model, model_dir, engines, build, precision=precision).path
         drop_torch_vision(model)
         return OnnxRuntimeVision(graph, device)
     if name == "tensorrt":
@@ -67,7 +65,7 @@ def vision_backend(
         engine = engine_artifact(model, model_dir, precision, engines, build).path
         drop_torch_vision(model)
         return TensorRTVision(engine, device)
-    raise ConfigError(f"unknown vision backend {name!r} (expected torch, onnxruntime or tensorrt)")
+    raise AssertionError(f"vision backend {name!r} is in choices.VISION_BACKENDS but not built here")
 
 
 def drop_torch_vision(model: MobileLlamaForCausalLM) -> None:
@@ -98,12 +96,12 @@ class MobileVLM:
         path: str | Path,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
-        language: Literal["torch", "llamacpp"] = "torch",
+        language: str = "torch",
         quant: str = "q4_k_s",
         engines_dir: str | Path | None = None,
         build: bool = True,
-        vision: Literal["torch", "onnxruntime", "tensorrt"] = "torch",
-        vision_precision: Literal["fp16", "fp32", "int8"] = "fp16",
+        vision: str = "torch",
+        vision_precision: str = AUTO,
         int8: bool = False,
         llama_amx: bool | None = None,
     ) -> "MobileVLM":
@@ -115,27 +113,28 @@ class MobileVLM:
         KV buffer of the context length, at most 4 open at once (BackendError beyond; a dropped session frees its place).
         `llama_amx` lets llama.cpp use its AMX weight buffers; None (the default) does only on CPUs without AMX, because
         its AMX matmul crashes on some Intel CPUs that have it (runtime/llamacpp.py; CPU repacking stays on).
-        `vision="onnxruntime"` runs the exported vision graph (`vision_precision="int8"`: its int8 version, else fp32),
-        `vision="tensorrt"` an engine built for this GPU in `vision_precision` (int8 engines are built beforehand by
-        `mobilevlm build --calibration-dir`); both come from the same artifact cache and replace the torch tower and
-        projector, which are then freed. `int8` quantizes the torch LLM's weights.
+        `vision="onnxruntime"` runs the exported vision graph (`vision_precision` fp32, the default, or int8),
+        `vision="tensorrt"` an engine built for this GPU (fp16, the default, fp32 or int8; int8 engines are built
+        beforehand by `mobilevlm build --calibration-dir`); both come from the same artifact cache and replace the
+        torch tower and projector, which are then freed. A precision the backend cannot run is a ConfigError
+        (choices.py holds the table). `int8` quantizes the torch LLM's weights.
         """
+        check_choice("language backend", language, LANGUAGE_BACKENDS)
+        precision = choices.vision_precision(vision, vision_precision)  # a bad combination fails before anything loads
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         started = time.perf_counter()
         if language == "torch":
             checkpoint = load_checkpoint(path, dtype=dtype, device=device)
             vlm = cls(checkpoint, TorchLanguageModel(checkpoint.model, checkpoint.config.context_length, int8=int8))
-        elif language == "llamacpp":
+        else:
             from mobilevlm_ros.export.gguf import llm_gguf_artifact
             from mobilevlm_ros.runtime.llamacpp import LlamaCppLanguageModel
 
             artifact = llm_gguf_artifact(path, quant, engines_dir, build)
             checkpoint = load_checkpoint(path, dtype=dtype, device=device, with_language_model=False)
             vlm = cls(checkpoint, LlamaCppLanguageModel(artifact.path, checkpoint.config.context_length, amx=llama_amx))
-        else:
-            raise ConfigError(f"unknown language backend {language!r} (expected torch or llamacpp)")
-        vlm.vision = vision_backend(vlm.model, Path(path), vision, vision_precision, device, engines_dir, build)
+        vlm.vision = vision_backend(vlm.model, Path(path), vision, precision, device, engines_dir, build)
         logger.info(
             "loaded %s (%s; vision %s, %s on %s; language %s) in %.1f s",
             path, vlm.config.mm_projector_type, vlm.vision.name, dtype, device, vlm.language.name, time.perf_counter() - started,

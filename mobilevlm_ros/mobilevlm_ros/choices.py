@@ -1,0 +1,53 @@
+"""The choices a user makes: backends, the precisions each vision backend runs, GGUF types, image modes.
+
+One table, read by `MobileVLM.from_pretrained`, the `mobilevlm` command line and the node's parameters, so a name is
+spelled once and a combination is refused the same way everywhere. Import-light on purpose: `mobilevlm --help` and
+the node's parameter declarations read it without loading torch or any backend.
+"""
+
+from mobilevlm_ros.errors import ConfigError
+
+VISION_BACKENDS = ("torch", "onnxruntime", "tensorrt")
+LANGUAGE_BACKENDS = ("torch", "llamacpp")
+
+# What each vision backend can run, its default first. torch runs in the model's dtype (`dtype`), so "auto" only;
+# ONNX Runtime on a CPU has no fast fp16 kernels, so its graphs are fp32 or int8; TensorRT builds all three.
+AUTO = "auto"
+VISION_PRECISIONS: dict[str, tuple[str, ...]] = {
+    "torch": (),
+    "onnxruntime": ("fp32", "int8"),
+    "tensorrt": ("fp16", "fp32", "int8"),
+}
+PRECISIONS = ("fp16", "fp32", "int8")
+
+# GGUF file types of the llama.cpp language backend: Q4_K_S is the MobileVLM paper's deployment.
+QUANTS = ("q4_k_s", "q4_k_m", "q8_0", "f16", "f32")
+
+# How a frame is shown to the model: the whole frame at the tower's resolution (upstream); that overview and the
+# tiles of the frame in one prompt; each tile asked on its own; a region of interest at full resolution.
+IMAGE_MODES = ("overview", "tiles", "per_tile", "crop")
+# The modes a request may get by default: crop needs a region, which only a request carries.
+DEFAULT_IMAGE_MODES = tuple(mode for mode in IMAGE_MODES if mode != "crop")
+
+# Whether llama.cpp may use its AMX buffer type (auto: decided by the CPU's features, see runtime/llamacpp.py).
+AMX_SETTINGS = {"auto": None, "on": True, "off": False}
+
+
+def check_choice(what: str, value: str, allowed: tuple[str, ...]) -> str:
+    """`value` when it is one of `allowed`, else a ConfigError naming `what` and the choices."""
+    if value not in allowed:
+        raise ConfigError(f"unknown {what} {value!r} (expected {', '.join(allowed)})")
+    return value
+
+
+def vision_precision(backend: str, precision: str = AUTO) -> str | None:
+    """The precision `backend` runs for `precision` ("auto": its default; None for torch, which runs the model's dtype).
+    A precision the backend cannot run is a ConfigError that says which it can."""
+    check_choice("vision backend", backend, VISION_BACKENDS)
+    allowed = VISION_PRECISIONS[backend]
+    if precision == AUTO:
+        return allowed[0] if allowed else None
+    if precision not in allowed:
+        runs = f"runs {' or '.join(allowed)}" if allowed else "runs in the model's dtype (leave the precision auto)"
+        raise ConfigError(f"vision backend {backend} {runs}, not {precision!r}")
+    return precision
