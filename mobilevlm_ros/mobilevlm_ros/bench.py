@@ -227,7 +227,7 @@ def machine_info() -> dict[str, Any]:
     """Where the figures were taken: the CPU, its features that change the kernels, the library versions."""
     import torch
 
-    from mobilevlm_ros.runtime.cpu import RELEVANT_FLAGS, cpu_info
+    from mobilevlm_ros.cpu import RELEVANT_FLAGS, cpu_info
 
     cpu = cpu_info()
     info = {"cpu": cpu.model, "cpus": cpu.cpus, "cores": cpu.cores, "cpu_flags": [f for f in RELEVANT_FLAGS if f in cpu.flags],
@@ -479,8 +479,8 @@ def setup_llamacpp_plain(model_dir: str, gguf_path: str, prompt_tokens: int, amx
     from llama_cpp import Llama
 
     from mobilevlm_ros.model.prompt import load_tokenizer, prefix_ids, question_ids
-    from mobilevlm_ros.runtime.cpu import physical_cores
-    from mobilevlm_ros.runtime.llamacpp import model_load
+    from mobilevlm_ros.cpu import physical_cores
+    from mobilevlm_ros.ggml import model_load
 
     tokenizer = load_tokenizer(model_dir)
     text = prefix_ids(tokenizer)

@@ -29,7 +29,7 @@ IMAGE_MODES = ("overview", "tiles", "per_tile", "crop")
 # The modes a request may get by default: crop needs a region, which only a request carries.
 DEFAULT_IMAGE_MODES = tuple(mode for mode in IMAGE_MODES if mode != "crop")
 
-# Whether llama.cpp may use its AMX buffer type (auto: decided by the CPU's features, see runtime/llamacpp.py).
+# Whether llama.cpp may use its AMX buffer type (auto: decided by the CPU's features, see ggml.py).
 AMX_SETTINGS = {"auto": None, "on": True, "off": False}
 
 

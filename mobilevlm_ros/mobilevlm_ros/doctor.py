@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mobilevlm_ros.runtime.cpu import cpu_info
+from mobilevlm_ros.cpu import cpu_info
 from mobilevlm_ros.runtime.tensorrt import tensorrt_unavailable_reason
 
 
@@ -61,7 +61,7 @@ def checks() -> list[Check]:
     else:
         import llama_cpp
 
-        from mobilevlm_ros.runtime.llamacpp import AMX_BUFFER_TYPE, extra_buffer_types, offered_buffer_types
+        from mobilevlm_ros.ggml import AMX_BUFFER_TYPE, extra_buffer_types, offered_buffer_types
 
         offload = "GPU offload" if llama_cpp.llama_supports_gpu_offload() else "CPU only"
         used = offered_buffer_types()

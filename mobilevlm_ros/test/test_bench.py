@@ -8,7 +8,7 @@ import pytest
 
 from mobilevlm_ros.bench import BenchOptions, BenchResult, _Worker, markdown, ratios
 from mobilevlm_ros.cli import main
-from mobilevlm_ros.runtime.cpu import RELEVANT_FLAGS, cpu_info
+from mobilevlm_ros.cpu import RELEVANT_FLAGS, cpu_info
 
 
 def test_tiny_bench_runs_every_pipeline(tmp_path, capsys):

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mobilevlm_ros.runtime.cpu import cpu_info
-from mobilevlm_ros.runtime.llamacpp import offered_buffer_types
+from mobilevlm_ros.cpu import cpu_info
+from mobilevlm_ros.ggml import offered_buffer_types
 from mobilevlm_ros.runtime.vlm import MobileVLM
 
 MOBILEVLM = Path(sys.executable).parent / "mobilevlm"

@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from mobilevlm_ros.runtime.cpu import cpu_info
-from mobilevlm_ros.runtime.llamacpp import amx_allowed
+from mobilevlm_ros.cpu import cpu_info
+from mobilevlm_ros.ggml import amx_allowed
 
 EPYC = """processor\t: 0
 vendor_id\t: AuthenticAMD

@@ -13,8 +13,9 @@ import torch
 from mobilevlm_ros.cli import main
 from mobilevlm_ros.errors import ArtifactError, BackendError, PromptError
 from mobilevlm_ros.export.gguf import llm_gguf_artifact
-from mobilevlm_ros.runtime import llamacpp
-from mobilevlm_ros.runtime.llamacpp import LlamaCppLanguageModel, extra_buffer_types
+from mobilevlm_ros import ggml
+from mobilevlm_ros.ggml import extra_buffer_types
+from mobilevlm_ros.runtime.llamacpp import LlamaCppLanguageModel
 from mobilevlm_ros.runtime.sampling import SamplingParams
 from mobilevlm_ros.runtime.session import Answer
 from mobilevlm_ros.runtime.vlm import MobileVLM
@@ -199,7 +200,7 @@ def test_llama_cpp_writes_nothing_to_stdout_or_stderr(backend):
     assert (quiet.returncode, quiet.stdout, quiet.stderr) == (0, "", "")
     verbose = subprocess.run([sys.executable, "-c", "import logging; logging.basicConfig(level=logging.DEBUG); " + code, str(backend.path)],
                              capture_output=True, text=True, timeout=120)
-    assert "DEBUG:mobilevlm_ros.runtime.llamacpp.native:llama_model_loader: loaded meta data" in verbose.stderr
+    assert "DEBUG:mobilevlm_ros.ggml.native:llama_model_loader: loaded meta data" in verbose.stderr
 
 
 def test_building_disabled(checkpoint, tmp_path, engines):
@@ -235,7 +236,7 @@ def test_a_left_out_buffer_type_holds_no_weights(repackable_gguf, monkeypatch):
     """The mechanism that keeps AMX out, shown on the buffer type every x86 build has: with CPU_REPACK standing in
     for AMX, `amx=False` loads every weight into plain CPU buffers, and the model computes the same."""
     repacked = LlamaCppLanguageModel(repackable_gguf, kv_cells=64)
-    monkeypatch.setattr(llamacpp, "AMX_BUFFER_TYPE", "CPU_REPACK")
+    monkeypatch.setattr(ggml, "AMX_BUFFER_TYPE", "CPU_REPACK")
     plain = LlamaCppLanguageModel(repackable_gguf, kv_cells=64, amx=False)
     assert "CPU_REPACK" not in plain.model_buffers and set(plain.model_buffers) <= {"CPU", "CPU_Mapped"}
     ids = [1, 15, 27, 33, 8]

@@ -31,12 +31,12 @@ import torch
 from transformers import LlamaForCausalLM
 
 from mobilevlm_ros.choices import QUANTS, check_choice
+from mobilevlm_ros.cpu import physical_cores
 from mobilevlm_ros.errors import ArtifactError, ConfigError
 from mobilevlm_ros.export.artifacts import Artifact, ArtifactKey, get_or_build, model_fingerprint
+from mobilevlm_ros.ggml import init_llama_cpp
 from mobilevlm_ros.model.checkpoint import load_checkpoint
 from mobilevlm_ros.model.prompt import SentencePieceTokenizer
-from mobilevlm_ros.runtime.cpu import physical_cores
-from mobilevlm_ros.runtime.llamacpp import init_llama_cpp
 
 logger = logging.getLogger(__name__)
 

@@ -112,7 +112,7 @@ class MobileVLM:
         Then only the vision tower and projector are loaded into torch, in `dtype` on `device`. Its sessions share one
         KV buffer of the context length, at most 4 open at once (BackendError beyond; a dropped session frees its place).
         `llama_amx` lets llama.cpp use its AMX weight buffers; None (the default) does only on CPUs without AMX, because
-        its AMX matmul crashes on some Intel CPUs that have it (runtime/llamacpp.py; CPU repacking stays on).
+        its AMX matmul crashes on some Intel CPUs that have it (ggml.py; CPU repacking stays on).
         `vision="onnxruntime"` runs the exported vision graph (`vision_precision` fp32, the default, or int8),
         `vision="tensorrt"` an engine built for this GPU (fp16, the default, fp32 or int8; int8 engines are built
         beforehand by `mobilevlm build --calibration-dir`); both come from the same artifact cache and replace the

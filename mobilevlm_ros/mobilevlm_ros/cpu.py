@@ -1,7 +1,7 @@
 """What the CPU is and can do: its model, cores and the instruction-set features that decide which kernels run.
 
 Figures are only comparable on the same kind of CPU, and llama.cpp's behaviour depends on its features (its AMX path,
-see runtime/llamacpp.py), so the bench, `mobilevlm doctor` and the llama.cpp backend read them from here. Linux only
+see ggml.py), so the bench, `mobilevlm doctor`, the llama.cpp backend and the GGUF quantizer read them from here. Linux only
 (`/proc/cpuinfo`, sysfs); elsewhere the features are unknown and the answers fall back to safe defaults.
 """
 
