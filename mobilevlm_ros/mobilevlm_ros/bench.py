@@ -416,7 +416,7 @@ def setup_torch_vision(model_dir: str, options: BenchOptions) -> tuple[Run, dict
     def run(new_tokens: int) -> dict[str, float]:
         with torch.inference_mode():
             started = _sync(time.perf_counter())
-            checkpoint.model.encode_images(pixels)
+            checkpoint.model.vision_path(pixels)
             return {"vision_ms": (_sync(time.perf_counter()) - started) * 1e3}
 
     return run, {"pipeline": f"torch eager tower + projector, {options.vision_dtype}", "load_s": load_s,
@@ -463,7 +463,7 @@ def setup_reference(model_dir: str, options: BenchOptions) -> tuple[Run, dict[st
         with torch.inference_mode():
             pixels = vlm.image_processor(image).unsqueeze(0).to(vlm.device, vlm.vision_dtype)
             t1 = _sync(time.perf_counter())
-            embeds = vlm.model.encode_images(pixels)
+            embeds = vlm.model.vision_path(pixels)
             t2 = _sync(time.perf_counter())
         first, prompt_tokens = generate(FIRST_QUESTION, embeds, new_tokens)
         t3 = time.perf_counter()

@@ -60,7 +60,7 @@ def _build(args: argparse.Namespace) -> int:
             from mobilevlm_ros.export.onnx import onnx_artifact
 
             model = load_checkpoint(args.model, with_language_model=False).model
-            artifacts.append(onnx_artifact(model, Path(args.model), engines, build=True, precision=precision))
+            artifacts.append(onnx_artifact(model.vision_path, Path(args.model), engines, build=True, precision=precision))
         else:
             from mobilevlm_ros.export.tensorrt import calibration_batches, engine_artifact
             from mobilevlm_ros.runtime.tensorrt import tensorrt_unavailable_reason
@@ -71,7 +71,7 @@ def _build(args: argparse.Namespace) -> int:
                 raise ConfigError(f"cannot build a TensorRT engine here: {reason}")
             checkpoint = load_checkpoint(args.model, device=default_device(), with_language_model=False)
             calibration = calibration_batches(Path(args.calibration_dir), checkpoint.image_processor) if args.calibration_dir else []
-            artifacts.append(engine_artifact(checkpoint.model, Path(args.model), precision, engines, build=True,
+            artifacts.append(engine_artifact(checkpoint.model.vision_path, Path(args.model), precision, engines, build=True,
                                              max_batch=args.max_batch, workspace_bytes=args.workspace_mb << 20, calibration=calibration))
     rows = []
     for artifact in artifacts:

@@ -74,7 +74,7 @@ def test_absolute_vision_tower_path(copy_checkpoint, tmp_path):
     config = json.loads((path / "config.json").read_text())
     config["mm_vision_tower"] = str(moved)
     (path / "config.json").write_text(json.dumps(config))
-    assert load_checkpoint(path).model.vision_tower.config.hidden_size == 32
+    assert load_checkpoint(path).model.vision_path.vision_tower.config.hidden_size == 32
 
 
 def test_missing_tower_everywhere_is_a_clear_error(copy_checkpoint):

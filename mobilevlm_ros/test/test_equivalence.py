@@ -104,7 +104,7 @@ def config_vocab(checkpoint: Path) -> int:
 
 def test_vision_tower_runs_only_up_to_the_selected_layer(make_checkpoint):
     vlm = MobileVLM.from_pretrained(make_checkpoint(), device="cpu")
-    tower = vlm.model.vision_tower
+    tower = vlm.model.vision_path.vision_tower
     assert tower.num_layers_run == TINY_CLIP["num_hidden_layers"] - 1
     calls = []
     last = tower.vision_tower.vision_model.encoder.layers[-1]

@@ -64,7 +64,7 @@ def test_overview_and_tiles_go_through_the_vision_backend_in_one_call(vlm, frame
 def test_batched_call_equals_per_tile_calls(vlm, frame, tmp_path, backend):
     vision = vlm.vision
     if backend == "onnxruntime":
-        export_onnx(vlm.model, tmp_path / "vision.onnx")
+        export_onnx(vlm.model.vision_path, tmp_path / "vision.onnx")
         vision = OnnxRuntimeVision(tmp_path / "vision.onnx", torch.device("cpu"))
     pixels = vlm.image_processor.batch(vlm.views(frame, "tiles", max_tiles=6).images)
     batched = vision(pixels)

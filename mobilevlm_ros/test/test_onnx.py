@@ -25,19 +25,19 @@ def pixels(batch: int, seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize("projector", ["ldpnetv2", "ldpnet", "mlp2x_gelu"])
 def test_vision_graph_equals_torch(make_checkpoint, tmp_path, projector):
-    model = load_checkpoint(make_checkpoint(projector_type=projector, dtype=torch.float32)).model
-    details = export_onnx(model, tmp_path / "vision.onnx")
+    vision = load_checkpoint(make_checkpoint(projector_type=projector, dtype=torch.float32)).model.vision_path
+    details = export_onnx(vision, tmp_path / "vision.onnx")
     assert details == {"part": "vision", "input": "pixel_values", "output": "image_embeds", "opset": 17}
     backend = OnnxRuntimeVision(tmp_path / "vision.onnx", CPU)
     for batch in (1, 3):  # the batch dimension is dynamic (tiles)
         x = pixels(batch, seed=batch)
-        expected = TorchVision(model)(x)
+        expected = TorchVision(vision)(x)
         assert (backend(x) - expected).abs().max().item() <= 1e-4
 
 
 def test_graph_stops_at_the_selected_layer_and_keeps_layer_norm_whole(make_checkpoint, tmp_path):
-    model = load_checkpoint(make_checkpoint(dtype=torch.float32)).model
-    export_onnx(model, tmp_path / "vision.onnx")
+    vision = load_checkpoint(make_checkpoint(dtype=torch.float32)).model.vision_path
+    export_onnx(vision, tmp_path / "vision.onnx")
     graph = onnx.load(str(tmp_path / "vision.onnx")).graph
     names = " ".join(node.name for node in graph.node)
     assert "layers.1/" in names and "layers.2/" not in names  # 3 layers, select -2: layers 0 and 1 only
@@ -46,26 +46,26 @@ def test_graph_stops_at_the_selected_layer_and_keeps_layer_norm_whole(make_check
 
 
 def test_split_graphs_chain_to_the_single_graph(make_checkpoint, tmp_path):
-    model = load_checkpoint(make_checkpoint(projector_type="ldpnet", dtype=torch.float32)).model
-    export_onnx(model, tmp_path / "vit.onnx", "vit")
-    export_onnx(model, tmp_path / "projector.onnx", "projector")
+    vision = load_checkpoint(make_checkpoint(projector_type="ldpnet", dtype=torch.float32)).model.vision_path
+    export_onnx(vision, tmp_path / "vit.onnx", "vit")
+    export_onnx(vision, tmp_path / "projector.onnx", "projector")
     vit = OnnxRuntimeVision(tmp_path / "vit.onnx", CPU, "pixel_values", "image_features")
     projector = OnnxRuntimeVision(tmp_path / "projector.onnx", CPU, "image_features", "image_embeds")
     x = pixels(2)
     features = vit(x)
     assert features.shape == (2, 576, 32)
-    assert (projector(features) - TorchVision(model)(x)).abs().max().item() <= 1e-4
+    assert (projector(features) - TorchVision(vision)(x)).abs().max().item() <= 1e-4
 
 
 def test_large_graphs_keep_weights_in_one_external_file(make_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setattr(onnx_export, "PROTOBUF_LIMIT", 10_000)  # pretend the tiny graph is past 2 GB
-    model = load_checkpoint(make_checkpoint(dtype=torch.float32)).model
-    details = export_onnx(model, tmp_path / "vision.onnx")
+    vision = load_checkpoint(make_checkpoint(dtype=torch.float32)).model.vision_path
+    details = export_onnx(vision, tmp_path / "vision.onnx")
     assert details["external_data"] == "vision.onnx.data"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vision.onnx", "vision.onnx.data"]
     assert (tmp_path / "vision.onnx").stat().st_size < 100_000
     x = pixels(1)
-    assert (OnnxRuntimeVision(tmp_path / "vision.onnx", CPU)(x) - TorchVision(model)(x)).abs().max().item() <= 1e-4
+    assert (OnnxRuntimeVision(tmp_path / "vision.onnx", CPU)(x) - TorchVision(vision)(x)).abs().max().item() <= 1e-4
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -73,20 +73,20 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_fp16_model_exports_an_fp32_graph_and_keeps_its_dtype(make_checkpoint, tmp_path):
-    model = load_checkpoint(make_checkpoint(dtype=torch.float32)).model
-    half = load_checkpoint(make_checkpoint(dtype=torch.float32), dtype=torch.float16).model
+    vision = load_checkpoint(make_checkpoint(dtype=torch.float32)).model.vision_path
+    half = load_checkpoint(make_checkpoint(dtype=torch.float32), dtype=torch.float16).model.vision_path
     export_onnx(half, tmp_path / "vision.onnx")
     graph = onnx.load(str(tmp_path / "vision.onnx")).graph
     assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
-    assert next(half.model.vision_tower.parameters()).dtype == torch.float16  # the serving model is untouched
+    assert half.dtype == torch.float16  # the serving model is untouched
     x = pixels(1)
     # The graph holds the fp16 weights widened to fp32: it equals the fp32 model up to fp16 rounding of the weights.
-    assert cosine(OnnxRuntimeVision(tmp_path / "vision.onnx", CPU)(x), TorchVision(model)(x)) >= 0.999
+    assert cosine(OnnxRuntimeVision(tmp_path / "vision.onnx", CPU)(x), TorchVision(vision)(x)) >= 0.999
 
 
 def test_int8_graph_is_quantized_and_close_to_torch(make_checkpoint, tmp_path):
-    model = load_checkpoint(make_checkpoint(dtype=torch.float32)).model
-    int8 = onnx_artifact(model, make_checkpoint(dtype=torch.float32), tmp_path, build=True, precision="int8")
+    vision = load_checkpoint(make_checkpoint(dtype=torch.float32)).model.vision_path
+    int8 = onnx_artifact(vision, make_checkpoint(dtype=torch.float32), tmp_path, build=True, precision="int8")
     assert int8.built and int8.manifest["precision"] == "onnx-int8-opset17"
     assert int8.manifest["details"]["source"].startswith("vision-onnx-opset17-")  # made from the cached fp32 graph
     graph = onnx.load(str(int8.path)).graph
@@ -94,21 +94,21 @@ def test_int8_graph_is_quantized_and_close_to_torch(make_checkpoint, tmp_path):
     assert "MatMulInteger" in {node.op_type for node in graph.node}
     # Every MatMul by a weight is quantized; attention's activation-by-activation MatMuls stay fp32.
     assert not [node.name for node in graph.node if node.op_type == "MatMul" and weights & set(node.input)]
-    fp32 = onnx_artifact(model, make_checkpoint(dtype=torch.float32), tmp_path, build=False)
+    fp32 = onnx_artifact(vision, make_checkpoint(dtype=torch.float32), tmp_path, build=False)
     quantized = [tensor for tensor in graph.initializer if tensor.name.endswith("_quantized")]
     assert quantized and all(tensor.data_type == onnx.TensorProto.INT8 for tensor in quantized)
     assert int8.path.stat().st_size < fp32.path.stat().st_size  # the tiny tower's convolutions stay fp32
     backend = OnnxRuntimeVision(int8.path, CPU)
     x = pixels(3)  # a dynamic batch, as tiles need
-    ours, expected = backend(x), TorchVision(model)(x)
+    ours, expected = backend(x), TorchVision(vision)(x)
     assert ours.shape == expected.shape
     assert cosine(ours, expected) >= 0.99
     assert (ours - expected).abs().max().item() > 1e-6  # quantization did change the numbers
 
 
 def test_onnxruntime_uses_torch_thread_count(make_checkpoint, tmp_path):
-    model = load_checkpoint(make_checkpoint(dtype=torch.float32)).model
-    export_onnx(model, tmp_path / "vision.onnx")
+    vision = load_checkpoint(make_checkpoint(dtype=torch.float32)).model.vision_path
+    export_onnx(vision, tmp_path / "vision.onnx")
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -143,11 +143,11 @@ def real_size_vision_model() -> MobileLlamaForCausalLM:
 @pytest.mark.slow
 def test_real_size_vision_graph_matches_torch(tmp_path):
     """fp32 and int8 graphs at CLIP ViT-L/14-336 + LDPv2 (1.7B) size against torch."""
-    model = real_size_vision_model()
-    export_onnx(model, tmp_path / "vision.onnx")
+    vision = real_size_vision_model().vision_path
+    export_onnx(vision, tmp_path / "vision.onnx")
     x = pixels(1)
-    expected = TorchVision(model)(x).flatten()
-    del model
+    expected = TorchVision(vision)(x).flatten()
+    del vision
     ours = OnnxRuntimeVision(tmp_path / "vision.onnx", CPU)(x).flatten()
     assert ours.shape == (144 * 2048,)
     assert cosine(ours, expected) >= 0.999
@@ -166,14 +166,14 @@ def test_tensorrt_engine_matches_torch(make_checkpoint, tmp_path, precision, tol
     from mobilevlm_ros.export.tensorrt import build_engine, onnx_opset_for_tensorrt
     from mobilevlm_ros.runtime.tensorrt import TensorRTVision
 
-    model = load_checkpoint(make_checkpoint(dtype=torch.float32)).model
-    export_onnx(model, tmp_path / "vision.onnx", opset=onnx_opset_for_tensorrt())
+    vision = load_checkpoint(make_checkpoint(dtype=torch.float32)).model.vision_path
+    export_onnx(vision, tmp_path / "vision.onnx", opset=onnx_opset_for_tensorrt())
     build_engine(tmp_path / "vision.onnx", tmp_path / "vision.engine", precision, 336, max_batch=4,
                  timing_cache_path=tmp_path / "timing.cache")
     engine = TensorRTVision(tmp_path / "vision.engine", torch.device("cuda"))
     x = pixels(2)
     ours = engine(x).float().cpu()
-    expected = TorchVision(model)(x)
+    expected = TorchVision(vision)(x)
     if precision == "fp32":
         assert (ours - expected).abs().max().item() <= tolerance
     else:

@@ -44,6 +44,7 @@ from mobilevlm_ros.demo.world import (
     CAPTION_QUESTION, COLOURS, NAVIGATION_INSTRUCTIONS, POSITIONS, QUESTION_KINDS, SHAPES, Sample, Scene, caption, draw_shape,
     navigation_answer, navigation_sample, prompt_question, question, random_negative, random_scene, render,
 )
+from mobilevlm_ros.model.checkpoint import is_vision_key
 from mobilevlm_ros.model.config import parse_config
 from mobilevlm_ros.model.mobilevlm import MobileLlamaForCausalLM
 from mobilevlm_ros.model.preprocess import ImageProcessor, expand_to_square
@@ -109,7 +110,7 @@ def build_model(vocab_size: int, seed: int) -> MobileLlamaForCausalLM:
     torch.manual_seed(seed)
     config = parse_config(checkpoint_config(vocab_size), Path("config.json"))
     model = MobileLlamaForCausalLM(config, CLIPVisionConfig(**VISION))
-    init_grid_positions(model.model.vision_tower.vision_tower.vision_model.embeddings.position_embedding.weight)
+    init_grid_positions(model.vision_path.vision_tower.vision_tower.vision_model.embeddings.position_embedding.weight)
     return model
 
 
@@ -323,12 +324,12 @@ def language_loss(model: MobileLlamaForCausalLM, prefix: torch.Tensor, images: t
     prefix and each image run once and their keys and values are shared by the rows that follow them: the loss and
     gradients are those of the full rows, for a fraction of the compute.
     """
-    cache = DynamicCache(config=model.config)
-    model.model(inputs_embeds=model.model.embed_tokens(prefix)[None], past_key_values=cache, use_cache=True)
+    cache, decoder = DynamicCache(config=model.config), model.base_model
+    decoder(inputs_embeds=model.get_input_embeddings()(prefix)[None], past_key_values=cache, use_cache=True)
     cache.batch_repeat_interleave(images.shape[0])
-    model.model(inputs_embeds=images, past_key_values=cache, use_cache=True)
+    decoder(inputs_embeds=images, past_key_values=cache, use_cache=True)
     cache.batch_repeat_interleave(turns.shape[0] // images.shape[0])
-    hidden = model.model(inputs_embeds=turns, past_key_values=cache, use_cache=True).last_hidden_state
+    hidden = decoder(inputs_embeds=turns, past_key_values=cache, use_cache=True).last_hidden_state
     logits = model.lm_head(hidden[:, :-1])
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE)
 
@@ -351,7 +352,8 @@ def train(out_dir: str | Path, recipe: Recipe = Recipe(), device: torch.device |
     logger.info("vocabulary %d, %d parameters, pool of %d scenes (%.0f s)",
                 vocab_size, sum(p.numel() for p in model.parameters()), len(pool.scenes), time.perf_counter() - started)
     rng = random.Random(recipe.seed + 1)
-    tower, projector, embed = model.model.vision_tower, model.model.mm_projector, model.model.embed_tokens
+    vision = model.vision_path
+    tower, projector, embed = vision.vision_tower, vision.mm_projector, model.get_input_embeddings()
     prefix = torch.tensor(prefix_ids(tokenizer), device=device)
 
     def pixel_values(indices: list[int] | slice) -> torch.Tensor:
@@ -385,7 +387,7 @@ def train(out_dir: str | Path, recipe: Recipe = Recipe(), device: torch.device |
         return projector(features[indices])
 
     # 0b. language model: questions about scene symbols in place of the image, and the caption requested from them
-    language_parameters = [p for n, p in model.named_parameters() if not n.startswith(("model.vision_tower.", "model.mm_projector."))]
+    language_parameters = [p for n, p in model.named_parameters() if not is_vision_key(n)]
     symbols = SceneSymbols(LANGUAGE["hidden_size"]).to(device)
 
     def scene_symbols(indices: list[int]) -> torch.Tensor:

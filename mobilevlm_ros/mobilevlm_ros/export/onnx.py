@@ -1,10 +1,10 @@
 """ONNX export of the vision path: pixels -> image embeddings, as one graph or as ViT and projector graphs.
 
 The tower is cut at the selected layer (the layers past it are not in the graph), the CLS token is dropped and the
-projector is folded in, so an engine built from the graph does exactly what `MobileLlamaForCausalLM.encode_images`
-does. Opset 17 keeps LayerNorm as one LayerNormalization op (TensorRT >= 8.6 runs it safely in fp16). The batch
-dimension is dynamic: tiles of one high-resolution frame go through in one call. The graph is always fp32 (whatever
-dtype the torch model was loaded in): it is the portable source TensorRT builds every precision from.
+projector is folded in, so an engine built from the graph does exactly what the model's `VisionPath` does. Opset 17
+keeps LayerNorm as one LayerNormalization op (TensorRT >= 8.6 runs it safely in fp16). The batch dimension is
+dynamic: tiles of one high-resolution frame go through in one call. The graph is always fp32 (whatever dtype the
+torch model was loaded in): it is the portable source TensorRT builds every precision from.
 
 `int8` is a second graph for ONNX Runtime on CPU: the fp32 graph with dynamically quantized MatMuls (int8 weights per
 output channel, activations quantized per call). An fp32 ViT-L runs near this CPU's fp32 FLOP peak in torch and ONNX
@@ -20,11 +20,10 @@ from typing import Literal
 
 import onnx
 import torch
-from torch import nn
 
 from mobilevlm_ros.errors import ArtifactError
 from mobilevlm_ros.export.artifacts import Artifact, ArtifactKey, get_or_build, model_fingerprint
-from mobilevlm_ros.model.mobilevlm import MobileLlamaForCausalLM
+from mobilevlm_ros.model.mobilevlm import VisionPath
 
 logger = logging.getLogger(__name__)
 
@@ -44,64 +43,39 @@ TENSOR_NAMES: dict[str, tuple[str, str]] = {
 }
 
 
-class VisionGraph(nn.Module):
-    """The part of a MobileVLM an ONNX graph holds."""
-
-    def __init__(self, model: MobileLlamaForCausalLM, part: Part):
-        super().__init__()
-        self.part = part
-        self.vision_tower = model.model.vision_tower if part in ("vision", "vit") else None
-        self.mm_projector = model.model.mm_projector if part in ("vision", "projector") else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.vision_tower is not None:
-            x = self.vision_tower(x)
-        if self.mm_projector is not None:
-            x = self.mm_projector(x)
-        return x
-
-
-def example_input(model: MobileLlamaForCausalLM, part: Part, batch: int = 1) -> torch.Tensor:
-    """A tensor of the graph's input shape, in the model's dtype and device."""
-    tower = model.model.vision_tower
-    parameter = next(model.model.mm_projector.parameters())
-    if part == "projector":
-        tokens = tower.num_patches + (tower.select_feature == "cls_patch")
-        return torch.randn(batch, tokens, tower.config.hidden_size, dtype=parameter.dtype, device=parameter.device)
-    size = tower.config.image_size
-    return torch.randn(batch, 3, size, size, dtype=parameter.dtype, device=parameter.device)
-
-
 def export_onnx(
-    model: MobileLlamaForCausalLM, path: Path, part: Part = "vision", external_data_name: str | None = None, opset: int = OPSET
+    vision: VisionPath, path: Path, part: Part = "vision", external_data_name: str | None = None, opset: int = OPSET
 ) -> dict[str, object]:
-    """Write `part` of `model` to `path`, as one file unless the graph passes protobuf's 2 GB limit; then its weights
-    go to one external data file beside it, `external_data_name` (default `<file>.data`).
+    """Write `part` of the vision path to `path` ("vit": the tower alone, "projector": the projector alone), as one
+    file unless the graph passes protobuf's 2 GB limit; then its weights go to one external data file beside it,
+    `external_data_name` (default `<file>.data`).
 
     `opset` below 17 decomposes LayerNorm into primitive ops (TensorRT 8.5 cannot parse LayerNormalization).
     Returns what the artifact manifest records: tensor names, opset, and the external data file if any.
     """
     input_name, output_name = TENSOR_NAMES[part]
-    tower = model.model.vision_tower
-    attention = tower.config._attn_implementation
-    tower.config._attn_implementation = "eager"  # plain MatMul/Softmax: every exporter and TensorRT version takes it
+    config = vision.vision_tower.config
+    attention = config._attn_implementation
+    config._attn_implementation = "eager"  # plain MatMul/Softmax: every exporter and TensorRT version takes it
     try:
-        graph = VisionGraph(model, part).eval()
-        parameter = next(graph.parameters())
-        if parameter.dtype != torch.float32 or parameter.device.type != "cpu":
-            graph = copy.deepcopy(graph).to("cpu", torch.float32)  # the serving model keeps its dtype and device
+        if vision.dtype != torch.float32 or vision.device.type != "cpu":
+            vision = copy.deepcopy(vision).to("cpu", torch.float32)  # the serving model keeps its dtype and device
+        vision.eval()
         with tempfile.TemporaryDirectory() as scratch, torch.no_grad(), warnings.catch_warnings():
             # Tracing warns about the shape checks in our forward passes; shapes are fixed but the batch, as intended.
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            graph = {"vision": vision, "vit": vision.vision_tower, "projector": vision.mm_projector}[part]
+            example = vision.example_input()
+            if part == "projector":
+                example = vision.vision_tower(example)  # the tower's features are the projector's input
             raw = Path(scratch) / "graph.onnx"  # the exporter may scatter weights of a large graph next to it
             torch.onnx.export(
-                graph, (example_input(model, part).to("cpu", torch.float32),), str(raw), input_names=[input_name],
-                output_names=[output_name], dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
-                opset_version=opset, dynamo=False,
+                graph, (example,), str(raw), input_names=[input_name], output_names=[output_name],
+                dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}}, opset_version=opset, dynamo=False,
             )
             proto = onnx.load(str(raw))
     finally:
-        tower.config._attn_implementation = attention
+        config._attn_implementation = attention
     details: dict[str, object] = {"part": part, "input": input_name, "output": output_name, "opset": opset}
     if proto.ByteSize() > PROTOBUF_LIMIT:
         name = external_data_name or path.name + ".data"
@@ -124,7 +98,7 @@ def quantize_onnx(source: Path, path: Path) -> dict[str, object]:
 
 
 def onnx_artifact(
-    model: MobileLlamaForCausalLM, model_dir: Path, engines_dir: Path | None, build: bool, opset: int = OPSET,
+    vision: VisionPath, model_dir: Path, engines_dir: Path | None, build: bool, opset: int = OPSET,
     precision: OnnxPrecision = "fp32",
 ) -> Artifact:
     """The vision graph of the checkpoint in `model_dir` from the artifact cache, exported when missing or stale;
@@ -138,7 +112,7 @@ def onnx_artifact(
             runtime="onnxruntime.quantization", runtime_version=f"{versions}, onnxruntime {onnxruntime.__version__}",
             device="any", suffix="onnx", extra={"tensors": list(TENSOR_NAMES["vision"]), "quantization": QUANTIZATION},
         )
-        return get_or_build(key, lambda path: quantize_onnx(onnx_artifact(model, model_dir, engines_dir, build, opset).path, path),
+        return get_or_build(key, lambda path: quantize_onnx(onnx_artifact(vision, model_dir, engines_dir, build, opset).path, path),
                             engines_dir, build)
     if precision != "fp32":
         raise ArtifactError(f"unknown ONNX graph precision {precision!r} (expected fp32 or int8)")
@@ -152,4 +126,4 @@ def onnx_artifact(
         suffix="onnx",
         extra={"tensors": list(TENSOR_NAMES["vision"])},
     )
-    return get_or_build(key, lambda path: export_onnx(model, path, "vision", key.filename + ".data", opset), engines_dir, build)
+    return get_or_build(key, lambda path: export_onnx(vision, path, "vision", key.filename + ".data", opset), engines_dir, build)

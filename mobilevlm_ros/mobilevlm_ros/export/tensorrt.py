@@ -15,7 +15,7 @@ import torch
 
 from mobilevlm_ros.errors import ArtifactError, ConfigError
 from mobilevlm_ros.export.artifacts import Artifact, ArtifactKey, get_or_build, model_fingerprint
-from mobilevlm_ros.model.mobilevlm import MobileLlamaForCausalLM
+from mobilevlm_ros.model.mobilevlm import VisionPath
 from mobilevlm_ros.model.preprocess import ImageProcessor, load_image_file
 
 logger = logging.getLogger(__name__)
@@ -182,7 +182,7 @@ def _entropy_calibrator(batches: Sequence[torch.Tensor]) -> object:
 
 
 def engine_artifact(
-    model: MobileLlamaForCausalLM, model_dir: Path, precision: str, engines_dir: Path | None, build: bool,
+    vision: VisionPath, model_dir: Path, precision: str, engines_dir: Path | None, build: bool,
     max_batch: int = 8, workspace_bytes: int = 1 << 30, calibration: Sequence[torch.Tensor] = (),
 ) -> Artifact:
     """The vision engine for this GPU and TensorRT version from the artifact cache, built (from the cached ONNX graph)
@@ -193,7 +193,7 @@ def engine_artifact(
     from mobilevlm_ros.export.onnx import onnx_artifact
 
     device = torch.device("cuda", torch.cuda.current_device())
-    image_size = model.model.vision_tower.config.image_size
+    image_size = vision.image_size
     key = ArtifactKey(
         model_hash=model_fingerprint(model_dir),
         component="vision",
@@ -206,7 +206,7 @@ def engine_artifact(
     )
 
     def build_fn(path: Path) -> dict[str, object]:
-        graph = onnx_artifact(model, model_dir, engines_dir, build, opset=onnx_opset_for_tensorrt())
+        graph = onnx_artifact(vision, model_dir, engines_dir, build, opset=onnx_opset_for_tensorrt())
         timing_cache = graph.path.with_name(f"timing-{trt.__version__}-{key.device.replace(' ', '_').replace(':', '_')}.cache")
         return build_engine(graph.path, path, precision, image_size, max_batch, workspace_bytes, timing_cache, calibration)
 

@@ -101,8 +101,7 @@ def load_checkpoint(
     if with_language_model:
         model.to(device)
     else:
-        model.model.vision_tower.to(device)
-        model.model.mm_projector.to(device)
+        model.vision_path.to(device)
     model.eval()
 
     image_processor = ImageProcessor.from_tower_dir(tower_dir, vision_config.image_size, config.image_aspect_ratio == "pad")

@@ -158,7 +158,7 @@ class Int8Linear(nn.Module):
 
 def quantize_int8(model: LlamaForCausalLM) -> None:
     """Replace every Linear of the decoder layers and the LM head by an Int8Linear (embeddings and norms stay)."""
-    for parent in [*model.model.layers.modules(), model]:
+    for parent in [*model.base_model.layers.modules(), model]:
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(parent, name, Int8Linear(child))

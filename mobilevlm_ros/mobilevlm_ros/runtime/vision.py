@@ -1,8 +1,9 @@
 """Vision backends: pixel_values [B, 3, S, S] -> image embeddings [B, num_image_tokens, hidden], all behind one call.
 
-`torch` runs the loaded modules; `onnxruntime` runs the exported graph, fp32 or int8 (CPU, or CUDA when its provider
-is there); `tensorrt` (runtime/tensorrt.py) runs an engine built on the target GPU. The same graph feeds the last two,
-which replace the torch modules: MobileVLM drops those once the backend's artifact exists.
+`torch` runs the model's vision path; `onnxruntime` runs the exported graph, fp32 or int8 (CPU, or CUDA when its
+provider is there); `tensorrt` (runtime/tensorrt.py) runs an engine built on the target GPU. The same graph feeds the
+last two, which replace the torch modules: runtime/backends.py frees those once the backend's artifact exists.
+Each backend says where it runs (`device`).
 """
 
 from pathlib import Path
@@ -12,25 +13,28 @@ import numpy as np
 import torch
 
 from mobilevlm_ros.errors import BackendError
-from mobilevlm_ros.model.mobilevlm import MobileLlamaForCausalLM
+from mobilevlm_ros.model.mobilevlm import VisionPath
 
 
 class VisionBackend(Protocol):
     name: str
+    device: torch.device
 
     def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor: ...
 
 
 class TorchVision:
+    """The vision path in torch, in the dtype and on the device it was loaded with (pixels are moved there)."""
+
     name = "torch"
 
-    def __init__(self, model: MobileLlamaForCausalLM):
-        self.model = model
+    def __init__(self, vision_path: VisionPath):
+        self.vision_path = vision_path
+        self.device = vision_path.device
 
     @torch.inference_mode()
     def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        parameter = next(self.model.model.mm_projector.parameters())
-        return self.model.encode_images(pixel_values.to(parameter.device, parameter.dtype))
+        return self.vision_path(pixel_values.to(self.device, self.vision_path.dtype))
 
 
 class OnnxRuntimeVision:
@@ -58,6 +62,7 @@ class OnnxRuntimeVision:
         self.path = path
         self.input_name, self.output_name = input_name, output_name
         self.providers = self.session.get_providers()
+        self.device = device if self.providers[0] == "CUDAExecutionProvider" else torch.device("cpu")
 
     def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
         pixels = np.ascontiguousarray(pixel_values.detach().to("cpu", torch.float32).numpy())

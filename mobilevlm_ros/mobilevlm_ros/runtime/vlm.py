@@ -49,12 +49,12 @@ def vision_backend(
     built into) the artifact cache."""
     engines = Path(engines_dir) if engines_dir is not None else None
     if name == "torch":
-        return TorchVision(model)
+        return TorchVision(model.vision_path)
     if name == "onnxruntime":
         from mobilevlm_ros.export.onnx import onnx_artifact
 
-        graph = onnx_artifact(model, model_dir, engines, build, precision=precision).path
-        drop_torch_vision(model)
+        graph = onnx_artifact(model.vision_path, model_dir, engines, build, precision=precision).path
+        model.release_vision_path()
         return OnnxRuntimeVision(graph, device)
     if name == "tensorrt":
         from mobilevlm_ros.export.tensorrt import engine_artifact
@@ -62,17 +62,10 @@ def vision_backend(
 
         if reason := tensorrt_unavailable_reason():
             raise ConfigError(f"vision backend tensorrt cannot run here: {reason}")
-        engine = engine_artifact(model, model_dir, precision, engines, build).path
-        drop_torch_vision(model)
+        engine = engine_artifact(model.vision_path, model_dir, precision, engines, build).path
+        model.release_vision_path()
         return TensorRTVision(engine, device)
     raise AssertionError(f"vision backend {name!r} is in choices.VISION_BACKENDS but not built here")
-
-
-def drop_torch_vision(model: MobileLlamaForCausalLM) -> None:
-    """Free the torch vision tower and projector once an ONNX graph or an engine does their work: nothing else uses
-    them, and keeping them would hold the vision weights twice (1.2 GB for CLIP ViT-L in fp32)."""
-    model.model.vision_tower = None
-    model.model.mm_projector = None
 
 
 class MobileVLM:
@@ -83,12 +76,12 @@ class MobileVLM:
         self.tokenizer = checkpoint.tokenizer
         self.image_processor = checkpoint.image_processor
         self.config = checkpoint.config
-        projector = next(self.model.model.mm_projector.parameters())
+        vision_path = self.model.vision_path
         # Where image embeddings go and in what dtype, kept when another vision backend replaces the torch modules.
-        self.device: torch.device = projector.device
-        self.vision_dtype: torch.dtype = projector.dtype
+        self.device: torch.device = vision_path.device
+        self.vision_dtype: torch.dtype = vision_path.dtype
         self.language = language or TorchLanguageModel(self.model, self.config.context_length)
-        self.vision = vision or TorchVision(self.model)
+        self.vision = vision or TorchVision(vision_path)
 
     @classmethod
     def from_pretrained(
