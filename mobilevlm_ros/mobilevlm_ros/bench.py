@@ -367,9 +367,9 @@ def setup_ours(model_dir: str, options: BenchOptions, engines_dir: str | None) -
         params = SamplingParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            pixels = vlm.image_processor(image).unsqueeze(0).to(vlm.device, vlm.vision_dtype)
+            pixels = vlm.image_processor(image).unsqueeze(0)
             t1 = _sync(time.perf_counter())
-            embeds = vlm.vision(pixels)[0].to(vlm.device, vlm.vision_dtype)
+            embeds = vlm.vision(pixels)[0]
             t2 = _sync(time.perf_counter())
         session = Session(vlm.language, vlm.tokenizer, embeds)
         first = _token_times(session.generate(FIRST_QUESTION, params))
@@ -384,9 +384,9 @@ def setup_ours(model_dir: str, options: BenchOptions, engines_dir: str | None) -
         token after prefilling them all (after the timed answer, so it cannot slow it)."""
         t0 = time.perf_counter()
         with torch.inference_mode():
-            pixels = vlm.image_processor.batch(tile_views.images).to(vlm.device, vlm.vision_dtype)
+            pixels = vlm.image_processor.batch(tile_views.images)
             t1 = _sync(time.perf_counter())
-            embeds = vlm.vision(pixels).to(vlm.device, vlm.vision_dtype)
+            embeds = vlm.vision(pixels)
             t2 = _sync(time.perf_counter())
         session = Session(vlm.language, vlm.tokenizer, embeds, image_text=tile_views.image_text)
         list(session.generate(FIRST_QUESTION, SamplingParams(max_new_tokens=1, min_new_tokens=1)))
@@ -444,14 +444,15 @@ def setup_reference(model_dir: str, options: BenchOptions) -> tuple[Run, dict[st
     started = time.perf_counter()
     vlm = MobileVLM.from_pretrained(model_dir, device=options.device)
     load_s = time.perf_counter() - started
+    model = vlm.language.model
     image = bench_frame()
     eos = vlm.tokenizer.eos_id
 
     def generate(question: str, image_embeds: torch.Tensor, new_tokens: int) -> tuple[list[float], int]:
         ids = vlm.prompt_ids(question)
-        inputs = vlm.prompt_embeds(ids, image_embeds)
+        inputs = model.embed_with_images(ids, image_embeds)
         timer = StepTimes()
-        vlm.model.generate(
+        model.generate(
             inputs_embeds=inputs, attention_mask=torch.ones(inputs.shape[:2], dtype=torch.long, device=inputs.device),
             max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=eos,
             logits_processor=LogitsProcessorList([timer]),
@@ -461,16 +462,16 @@ def setup_reference(model_dir: str, options: BenchOptions) -> tuple[Run, dict[st
     def run(new_tokens: int) -> dict[str, float]:
         t0 = time.perf_counter()
         with torch.inference_mode():
-            pixels = vlm.image_processor(image).unsqueeze(0).to(vlm.device, vlm.vision_dtype)
+            pixels = vlm.image_processor(image).unsqueeze(0)
             t1 = _sync(time.perf_counter())
-            embeds = vlm.model.vision_path(pixels)
+            embeds = vlm.vision(pixels)
             t2 = _sync(time.perf_counter())
         first, prompt_tokens = generate(FIRST_QUESTION, embeds, new_tokens)
         t3 = time.perf_counter()
         second, _ = generate(SECOND_QUESTION, embeds, new_tokens)
         return answer_metrics(t0, t1, t2, first, t3, second, prompt_tokens)
 
-    return run, {"pipeline": f"transformers generate(inputs_embeds), {vlm.vision_dtype}", "load_s": load_s}
+    return run, {"pipeline": f"transformers generate(inputs_embeds), {model.dtype}", "load_s": load_s}
 
 
 def setup_llamacpp_plain(model_dir: str, gguf_path: str, prompt_tokens: int, amx: bool | None) -> tuple[Run, dict[str, Any]]:

@@ -50,7 +50,7 @@ def _build(args: argparse.Namespace) -> int:
         from pathlib import Path
 
         from mobilevlm_ros.model.checkpoint import load_checkpoint
-        from mobilevlm_ros.runtime.vlm import default_device
+        from mobilevlm_ros.runtime.backends import default_device
 
         engines = Path(args.engines_dir) if args.engines_dir else None
         precision = vision_precision(VISION_ARTIFACTS[args.vision], args.precision)

@@ -87,7 +87,8 @@ def test_logits_equal_the_independent_composition(make_checkpoint, camera_image,
     vlm = MobileVLM.from_pretrained(checkpoint, device="cpu")
     input_ids = vlm.prompt_ids("What colour is the square?")
     with torch.no_grad():
-        ours = vlm.model(inputs_embeds=vlm.prompt_embeds(input_ids, vlm.encode_image(camera_image))).logits[0]
+        llm = vlm.language.model
+        ours = llm(inputs_embeds=llm.embed_with_images(input_ids, vlm.encode_image(camera_image))).logits[0]
     pixel_values = vlm.image_processor(camera_image)[None]
     expected = reference_logits(checkpoint, pixel_values, input_ids)
     num_image_tokens = 576 if projector in ("linear", "mlp2x_gelu") else 144
@@ -104,7 +105,7 @@ def config_vocab(checkpoint: Path) -> int:
 
 def test_vision_tower_runs_only_up_to_the_selected_layer(make_checkpoint):
     vlm = MobileVLM.from_pretrained(make_checkpoint(), device="cpu")
-    tower = vlm.model.vision_path.vision_tower
+    tower = vlm.vision.vision_path.vision_tower
     assert tower.num_layers_run == TINY_CLIP["num_hidden_layers"] - 1
     calls = []
     last = tower.vision_tower.vision_model.encoder.layers[-1]

@@ -64,7 +64,7 @@ def test_overview_and_tiles_go_through_the_vision_backend_in_one_call(vlm, frame
 def test_batched_call_equals_per_tile_calls(vlm, frame, tmp_path, backend):
     vision = vlm.vision
     if backend == "onnxruntime":
-        export_onnx(vlm.model.vision_path, tmp_path / "vision.onnx")
+        export_onnx(vlm.vision.vision_path, tmp_path / "vision.onnx")
         vision = OnnxRuntimeVision(tmp_path / "vision.onnx", torch.device("cpu"))
     pixels = vlm.image_processor.batch(vlm.views(frame, "tiles", max_tiles=6).images)
     batched = vision(pixels)
@@ -89,7 +89,8 @@ def test_tiles_session_equals_the_whole_prompt_with_every_image_spliced_in(vlm, 
     ids = vlm.prompt_ids(QUESTION, views.image_text)
     assert ids.count(IMAGE_TOKEN_INDEX) == 3
     with torch.no_grad():
-        reference = vlm.model(inputs_embeds=vlm.prompt_embeds(ids, embeds)).logits[0, -1]
+        llm = vlm.language.model
+        reference = llm(inputs_embeds=llm.embed_with_images(ids, embeds)).logits[0, -1]
     session = vlm.session(frame, mode="tiles")
     _, logits = session._start_turn(QUESTION)
     torch.testing.assert_close(logits, reference, atol=1e-4, rtol=0)
@@ -110,9 +111,10 @@ def test_mean_logprob_is_the_models_probability_of_the_answer(vlm, frame):
     assert answer.generated_tokens == len(generated)
     scored = generated + ([vlm.tokenizer.eos_id] if len(generated) < 6 else [])  # it ended at EOS, or at the limit
     with torch.no_grad():
-        embeds = vlm.prompt_embeds(ids, vlm.encode_image(frame))
-        follow = vlm.model.get_input_embeddings()(torch.tensor([generated], dtype=torch.long))
-        logits = vlm.model(inputs_embeds=torch.cat([embeds, follow], dim=1)).logits[0, embeds.shape[1] - 1 :]
+        llm = vlm.language.model
+        embeds = llm.embed_with_images(ids, vlm.encode_image(frame))
+        follow = llm.get_input_embeddings()(torch.tensor([generated], dtype=torch.long))
+        logits = llm(inputs_embeds=torch.cat([embeds, follow], dim=1)).logits[0, embeds.shape[1] - 1 :]
     logprobs = torch.log_softmax(logits[: len(scored)].float(), dim=-1)[torch.arange(len(scored)), scored]
     assert answer.mean_logprob == pytest.approx(float(logprobs.mean()), abs=1e-4)
     assert answer.mean_logprob < 0

@@ -10,14 +10,16 @@ import numpy as np
 import pytest
 import torch
 
+from mobilevlm_ros import ggml
 from mobilevlm_ros.cli import main
 from mobilevlm_ros.errors import ArtifactError, BackendError, PromptError
 from mobilevlm_ros.export.gguf import llm_gguf_artifact
-from mobilevlm_ros import ggml
 from mobilevlm_ros.ggml import extra_buffer_types
+from mobilevlm_ros.model.checkpoint import load_checkpoint
 from mobilevlm_ros.runtime.llamacpp import LlamaCppLanguageModel
 from mobilevlm_ros.runtime.sampling import SamplingParams
 from mobilevlm_ros.runtime.session import Answer
+from mobilevlm_ros.runtime.vision import TorchVision
 from mobilevlm_ros.runtime.vlm import MobileVLM
 
 QUESTIONS = ["What is in the image?", "How many shapes are there?"]
@@ -122,10 +124,13 @@ def test_min_new_tokens_suppresses_eos(llama_vlms, image):
     assert len(forced) == 12 and eos not in forced[:12]
 
 
-def test_only_the_vision_part_is_in_torch(llama_vlms):
-    model = llama_vlms["q8_0"].model
-    assert model.lm_head.weight.is_meta and model.model.embed_tokens.weight.is_meta and model.model.layers[0].mlp.up_proj.weight.is_meta
-    assert not any(p.is_meta for p in model.model.vision_tower.parameters()) and not any(p.is_meta for p in model.model.mm_projector.parameters())
+def test_only_the_vision_part_is_in_torch(llama_vlms, checkpoint):
+    """llama.cpp runs the LLM: torch loads the vision path only (the LLM's parameters stay on the meta device)."""
+    model = load_checkpoint(checkpoint, with_language_model=False).model
+    assert model.lm_head.weight.is_meta and model.get_input_embeddings().weight.is_meta
+    assert model.base_model.layers[0].mlp.up_proj.weight.is_meta
+    vlm = llama_vlms["q8_0"]
+    assert isinstance(vlm.vision, TorchVision) and not any(p.is_meta for p in vlm.vision.vision_path.parameters())
 
 
 @pytest.fixture

@@ -9,11 +9,12 @@ from transformers import CLIPVisionConfig
 
 from mobilevlm_ros.export import onnx as onnx_export
 from mobilevlm_ros.export.onnx import export_onnx, onnx_artifact, quantize_onnx
-from mobilevlm_ros.model.checkpoint import load_checkpoint
+from mobilevlm_ros.model.checkpoint import is_vision_key, load_checkpoint
 from mobilevlm_ros.model.config import parse_config
 from mobilevlm_ros.model.mobilevlm import MobileLlamaForCausalLM
 from mobilevlm_ros.runtime.tensorrt import tensorrt_unavailable_reason
 from mobilevlm_ros.runtime.vision import OnnxRuntimeVision, TorchVision
+from mobilevlm_ros.runtime.vlm import MobileVLM
 from tiny_checkpoint import official_config
 
 CPU = torch.device("cpu")
@@ -117,6 +118,16 @@ def test_onnxruntime_uses_torch_thread_count(make_checkpoint, tmp_path):
         torch.set_num_threads(threads)
     assert backend.threads == 1
     assert backend.session.get_session_options().intra_op_num_threads == 1
+
+
+def test_the_onnxruntime_backend_frees_the_torch_vision_path(make_checkpoint, tmp_path, camera_image):
+    """Once the graph runs the vision path, the torch LLM holds no vision weights (ViT-L would be held twice)."""
+    checkpoint = make_checkpoint(dtype=torch.float32)
+    vlm = MobileVLM.from_pretrained(checkpoint, device="cpu", vision="onnxruntime", engines_dir=tmp_path)
+    assert vlm.vision.name == "onnxruntime" and vlm.device == CPU
+    assert not [name for name, _ in vlm.language.model.named_parameters() if is_vision_key(name)]
+    expected = MobileVLM.from_pretrained(checkpoint, device="cpu").ask(camera_image, "What is here?", max_new_tokens=4)
+    assert vlm.ask(camera_image, "What is here?", max_new_tokens=4) == expected
 
 
 def test_unreadable_graph_is_a_clear_error(tmp_path):

@@ -26,10 +26,11 @@ def image() -> np.ndarray:
 def full_logits(vlm: MobileVLM, image: np.ndarray, after_image_ids: list[int]) -> torch.Tensor:
     """Reference: the whole sequence [BOS, system, USER:, image, after_image_ids] in one uncached forward pass."""
     before = [vlm.tokenizer.bos_id] + vlm.tokenizer.encode(f"{SYSTEM_PROMPT} USER: ")
-    embed = vlm.model.get_input_embeddings()
+    llm = vlm.language.model
+    embed = llm.get_input_embeddings()
     with torch.no_grad():
         embeds = torch.cat([embed(torch.tensor(before)), vlm.encode_image(image)[0], embed(torch.tensor(after_image_ids, dtype=torch.long))])
-        return vlm.model(inputs_embeds=embeds[None]).logits[0]
+        return llm(inputs_embeds=embeds[None]).logits[0]
 
 
 def greedy_reference(vlm, image, question_ids: list[int], steps: int) -> list[int]:

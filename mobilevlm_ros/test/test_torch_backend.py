@@ -27,9 +27,9 @@ def answer_ids(vlm: MobileVLM, language) -> list[list[int]]:
 
 
 def test_static_cache_generates_what_the_dynamic_cache_does(vlm):
-    static = TorchLanguageModel(vlm.model, vlm.config.context_length, static_cache=True)
+    static = TorchLanguageModel(vlm.language.model, vlm.config.context_length, static_cache=True)
     assert isinstance(static.new_cache(), TorchStaticKVCache)
-    dynamic_ids = answer_ids(vlm, TorchLanguageModel(vlm.model, vlm.config.context_length, static_cache=False))
+    dynamic_ids = answer_ids(vlm, TorchLanguageModel(vlm.language.model, vlm.config.context_length, static_cache=False))
     static_ids = answer_ids(vlm, static)
     assert static_ids[:2] == dynamic_ids[:2]
     for (option, score), (_, expected) in zip(static_ids[2][0], dynamic_ids[2][0]):
@@ -37,12 +37,13 @@ def test_static_cache_generates_what_the_dynamic_cache_does(vlm):
 
 
 def test_int8_weights_keep_the_logits(vlm):
-    cache = TorchLanguageModel(vlm.model, vlm.config.context_length).new_cache()
+    cache = TorchLanguageModel(vlm.language.model, vlm.config.context_length).new_cache()
     ids = [vlm.tokenizer.bos_id] + vlm.tokenizer.encode("A chat between a curious user and an assistant.")
     reference = cache.append_tokens(ids, all_logits=True)
-    int8 = TorchLanguageModel(vlm.model, vlm.config.context_length, int8=True)
-    assert all(isinstance(layer, Int8Linear) for layer in (vlm.model.lm_head, vlm.model.model.layers[0].mlp.down_proj))
-    assert vlm.model.model.layers[0].self_attn.q_proj.weight.dtype == torch.int8
+    int8 = TorchLanguageModel(vlm.language.model, vlm.config.context_length, int8=True)
+    llm = vlm.language.model
+    assert all(isinstance(layer, Int8Linear) for layer in (llm.lm_head, llm.base_model.layers[0].mlp.down_proj))
+    assert llm.base_model.layers[0].self_attn.q_proj.weight.dtype == torch.int8
     quantized = int8.new_cache().append_tokens(ids, all_logits=True)
     cosine = torch.nn.functional.cosine_similarity(quantized.flatten(), reference.flatten(), dim=0).item()
     assert cosine >= 0.99
@@ -51,6 +52,6 @@ def test_int8_weights_keep_the_logits(vlm):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (none visible to torch)")
 def test_cuda_graph_decode_matches_eager(make_checkpoint):
     vlm = MobileVLM.from_pretrained(make_checkpoint(dtype=torch.float32), device="cuda", dtype=torch.float32)
-    eager = answer_ids(vlm, TorchLanguageModel(vlm.model, vlm.config.context_length, static_cache=False))
-    graphed = answer_ids(vlm, TorchLanguageModel(vlm.model, vlm.config.context_length, static_cache=True))
+    eager = answer_ids(vlm, TorchLanguageModel(vlm.language.model, vlm.config.context_length, static_cache=False))
+    graphed = answer_ids(vlm, TorchLanguageModel(vlm.language.model, vlm.config.context_length, static_cache=True))
     assert graphed[:2] == eager[:2]

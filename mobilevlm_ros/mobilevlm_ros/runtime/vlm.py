@@ -11,16 +11,16 @@ from PIL import Image
 
 from mobilevlm_ros import choices
 from mobilevlm_ros.choices import AUTO, IMAGE_MODES, LANGUAGE_BACKENDS, check_choice
-from mobilevlm_ros.errors import ConfigError, PromptError
-from mobilevlm_ros.model.checkpoint import LoadedCheckpoint, load_checkpoint
-from mobilevlm_ros.model.mobilevlm import MobileLlamaForCausalLM
-from mobilevlm_ros.model.preprocess import ChannelOrder, ImageInput, to_pil_rgb
-from mobilevlm_ros.model.prompt import IMAGE_PLACEHOLDER, build_prompt, tiled_image_text, tokenize_with_image
+from mobilevlm_ros.errors import PromptError
+from mobilevlm_ros.model.config import MobileVLMConfig
+from mobilevlm_ros.model.preprocess import ChannelOrder, ImageInput, ImageProcessor, to_pil_rgb
+from mobilevlm_ros.model.prompt import IMAGE_PLACEHOLDER, Tokenizer, build_prompt, tiled_image_text, tokenize_with_image
 from mobilevlm_ros.model.tiling import DEFAULT_MAX_TILES, Box, Grid, roi_box, tile_boxes, tile_grid
-from mobilevlm_ros.runtime.language import LanguageBackend, TorchLanguageModel
+from mobilevlm_ros.runtime.backends import default_device, load_language, load_vision
+from mobilevlm_ros.runtime.language import LanguageBackend
 from mobilevlm_ros.runtime.sampling import SamplingParams
 from mobilevlm_ros.runtime.session import PerTileSession, Session
-from mobilevlm_ros.runtime.vision import OnnxRuntimeVision, TorchVision, VisionBackend
+from mobilevlm_ros.runtime.vision import VisionBackend
 
 logger = logging.getLogger(__name__)
 
@@ -37,51 +37,22 @@ class FrameViews:
     grid: Grid  # the frame's tile grid (1x1 when it fits in one view)
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def vision_backend(
-    model: MobileLlamaForCausalLM, model_dir: Path, name: str, precision: str | None, device: torch.device,
-    engines_dir: str | Path | None, build: bool,
-) -> VisionBackend:
-    """The vision backend `name` running `precision` (choices.vision_precision), its graph or engine taken from (or
-    built into) the artifact cache."""
-    engines = Path(engines_dir) if engines_dir is not None else None
-    if name == "torch":
-        return TorchVision(model.vision_path)
-    if name == "onnxruntime":
-        from mobilevlm_ros.export.onnx import onnx_artifact
-
-        graph = onnx_artifact(model.vision_path, model_dir, engines, build, precision=precision).path
-        model.release_vision_path()
-        return OnnxRuntimeVision(graph, device)
-    if name == "tensorrt":
-        from mobilevlm_ros.export.tensorrt import engine_artifact
-        from mobilevlm_ros.runtime.tensorrt import TensorRTVision, tensorrt_unavailable_reason
-
-        if reason := tensorrt_unavailable_reason():
-            raise ConfigError(f"vision backend tensorrt cannot run here: {reason}")
-        engine = engine_artifact(model.vision_path, model_dir, precision, engines, build).path
-        model.release_vision_path()
-        return TensorRTVision(engine, device)
-    raise AssertionError(f"vision backend {name!r} is in choices.VISION_BACKENDS but not built here")
-
-
 class MobileVLM:
-    """A loaded MobileVLM: a vision backend (tower + projector) and a language backend."""
+    """A loaded MobileVLM: the checkpoint's tokenizer, image processor and config, a vision backend (tower +
+    projector) and a language backend; `from_pretrained` builds them (runtime/backends.py)."""
 
-    def __init__(self, checkpoint: LoadedCheckpoint, language: LanguageBackend | None = None, vision: VisionBackend | None = None):
-        self.model = checkpoint.model
-        self.tokenizer = checkpoint.tokenizer
-        self.image_processor = checkpoint.image_processor
-        self.config = checkpoint.config
-        vision_path = self.model.vision_path
-        # Where image embeddings go and in what dtype, kept when another vision backend replaces the torch modules.
-        self.device: torch.device = vision_path.device
-        self.vision_dtype: torch.dtype = vision_path.dtype
-        self.language = language or TorchLanguageModel(self.model, self.config.context_length)
-        self.vision = vision or TorchVision(vision_path)
+    def __init__(self, tokenizer: Tokenizer, image_processor: ImageProcessor, config: MobileVLMConfig, vision: VisionBackend,
+                 language: LanguageBackend):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.config = config
+        self.vision = vision
+        self.language = language
+
+    @property
+    def device(self) -> torch.device:
+        """Where the vision backend runs (the node's diagnostics report it)."""
+        return self.vision.device
 
     @classmethod
     def from_pretrained(
@@ -117,27 +88,21 @@ class MobileVLM:
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         started = time.perf_counter()
-        if language == "torch":
-            checkpoint = load_checkpoint(path, dtype=dtype, device=device)
-            vlm = cls(checkpoint, TorchLanguageModel(checkpoint.model, checkpoint.config.context_length, int8=int8))
-        else:
-            from mobilevlm_ros.export.gguf import llm_gguf_artifact
-            from mobilevlm_ros.runtime.llamacpp import LlamaCppLanguageModel
-
-            artifact = llm_gguf_artifact(path, quant, engines_dir, build)
-            checkpoint = load_checkpoint(path, dtype=dtype, device=device, with_language_model=False)
-            vlm = cls(checkpoint, LlamaCppLanguageModel(artifact.path, checkpoint.config.context_length, amx=llama_amx))
-        vlm.vision = vision_backend(vlm.model, Path(path), vision, precision, device, engines_dir, build)
+        checkpoint, language_backend = load_language(path, language, device, dtype, quant, engines_dir, build, int8, llama_amx)
+        vision_backend = load_vision(checkpoint.model, Path(path), vision, precision, device, engines_dir, build)
+        vlm = cls(checkpoint.tokenizer, checkpoint.image_processor, checkpoint.config, vision_backend, language_backend)
         logger.info(
             "loaded %s (%s; vision %s, %s on %s; language %s) in %.1f s",
-            path, vlm.config.mm_projector_type, vlm.vision.name, dtype, device, vlm.language.name, time.perf_counter() - started,
+            path, vlm.config.mm_projector_type, vision_backend.name, dtype, device, language_backend.name, time.perf_counter() - started,
         )
         return vlm
 
     @torch.inference_mode()
     def encode_images(self, images: Sequence[ImageInput], channel_order: ChannelOrder = "rgb") -> torch.Tensor:
-        """Images -> their embeddings [len(images), num_image_tokens, hidden], in one call of the vision backend."""
-        return self.vision(self.image_processor.batch(images, channel_order)).to(self.device, self.vision_dtype)
+        """Images -> their embeddings [len(images), num_image_tokens, hidden]: the image processor's batch, then one
+        call of the vision backend. The embeddings stay where the backend made them; a language backend takes them
+        to its own device and dtype."""
+        return self.vision(self.image_processor.batch(images, channel_order))
 
     def encode_image(self, image: ImageInput, channel_order: ChannelOrder = "rgb") -> torch.Tensor:
         """One image -> its embeddings [1, num_image_tokens, hidden]."""
@@ -202,11 +167,3 @@ class MobileVLM:
     def prompt_ids(self, question: str, image_text: str = IMAGE_PLACEHOLDER) -> list[int]:
         """The whole "v1" prompt's token ids, with an image placeholder where each image's embeddings go."""
         return tokenize_with_image(build_prompt(question, image_text), self.tokenizer)
-
-    @torch.inference_mode()
-    def prompt_embeds(self, input_ids: list[int], image_embeds: torch.Tensor) -> torch.Tensor:
-        """Input embeddings [1, T, hidden] of a whole prompt with the image spliced in (for the plain transformers path)."""
-        embeds = self.model.embed_with_images(input_ids, image_embeds)
-        if embeds.shape[1] >= self.config.context_length:
-            raise PromptError(f"prompt is {embeds.shape[1]} tokens with the image; the context holds {self.config.context_length}")
-        return embeds
