@@ -19,10 +19,8 @@ machine whose speed drifts affects them alike; the slow reference runs on its ow
   torch with `--vision-dtype` and as many threads as our backend, for the "vision speed-up vs torch eager" ratio.
 """
 
-import io
 import json
 import logging
-import os
 import platform
 import random
 import resource
@@ -43,22 +41,18 @@ from typing import Any
 import numpy as np
 
 from mobilevlm_ros.choices import vision_precision
+from mobilevlm_ros.model.vision import CLIP_VIT_L_14_336
 
 logger = logging.getLogger(__name__)
 
-CLIP_L_336 = dict(
-    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-    image_size=336, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=768,
-)
-LLAMA_COMMON = dict(rms_norm_eps=1e-6, rope_theta=10000.0, hidden_act="silu", bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
 SIZES: dict[str, dict[str, Any]] = {
     # The architectures of MobileVLM 1.7B / 3B (CLIP ViT-L/14-336 + LDPv2 + MobileLLaMA 1.4B / 2.7B).
-    "1.7b": dict(vision=CLIP_L_336, llm=dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_attention_heads=16,
+    "1.7b": dict(vision=CLIP_VIT_L_14_336, llm=dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_attention_heads=16,
                                             num_key_value_heads=16, vocab_size=32000, max_position_embeddings=2048)),
-    "3b": dict(vision=CLIP_L_336, llm=dict(hidden_size=2560, intermediate_size=6912, num_hidden_layers=32, num_attention_heads=32,
+    "3b": dict(vision=CLIP_VIT_L_14_336, llm=dict(hidden_size=2560, intermediate_size=6912, num_hidden_layers=32, num_attention_heads=32,
                                           num_key_value_heads=32, vocab_size=32000, max_position_embeddings=2048)),
     # A smoke-test size: the same machinery in seconds.
-    "tiny": dict(vision=dict(CLIP_L_336, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4),
+    "tiny": dict(vision=dict(CLIP_VIT_L_14_336, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4),
                  llm=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=4, vocab_size=512, max_position_embeddings=1024)),
 }
@@ -250,29 +244,21 @@ def write_random_checkpoint(directory: Path, size: str) -> Path:
     if (directory / "config.json").is_file():
         return directory
     import torch
-    from safetensors.torch import save_file
     from transformers import CLIPVisionConfig
     from transformers.initialization import no_init_weights
 
     from mobilevlm_ros.model.config import parse_config
     from mobilevlm_ros.model.mobilevlm import MobileLlamaForCausalLM
+    from mobilevlm_ros.model.writer import LLAMA, checkpoint_config, write_checkpoint, write_tokenizer
 
     spec = SIZES[size]
     started = time.perf_counter()
     partial = directory.with_name(directory.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    (partial / "vision_tower").mkdir(parents=True)
+    partial.mkdir(parents=True)
     # The tower directory holds only its config: the weights are stored in the checkpoint, as MobileVLM V2 does.
-    (partial / "vision_tower" / "config.json").write_text(json.dumps({"model_type": "clip_vision_model", **spec["vision"]}, indent=2))
-    config = {
-        "architectures": ["MobileLlamaForCausalLM"], "model_type": "mobilevlm", "torch_dtype": "float16",
-        **LLAMA_COMMON, **spec["llm"],
-        "mm_vision_tower": "vision_tower", "vision_tower_type": "clip", "mm_projector_type": "ldpnetv2",
-        "mm_hidden_size": spec["vision"]["hidden_size"], "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
-        "image_aspect_ratio": "pad", "mm_use_im_start_end": False, "mm_use_im_patch_token": False,
-    }
-    (partial / "config.json").write_text(json.dumps(config, indent=2))
-    train_tokenizer(partial / "tokenizer.model", spec["llm"]["vocab_size"])
+    config = checkpoint_config({**LLAMA, "tie_word_embeddings": False, **spec["llm"]}, "vision_tower", "ldpnetv2", spec["vision"]["hidden_size"])
+    write_tokenizer(partial / "tokenizer.model", random_sentences(), spec["llm"]["vocab_size"])
 
     with torch.device("meta"), no_init_weights():
         skeleton = MobileLlamaForCausalLM(parse_config(config, partial / "config.json"), CLIPVisionConfig(**spec["vision"]))
@@ -283,29 +269,19 @@ def write_random_checkpoint(directory: Path, size: str) -> Path:
             weights[key] = (torch.ones if "norm" in key and key.endswith("weight") else torch.zeros)(meta.shape, dtype=torch.float16)
         else:
             weights[key] = (torch.randn(meta.shape, generator=generator) * 0.02).to(torch.float16)
-    save_file(weights, partial / "model.safetensors", metadata={"format": "pt"})
+    write_checkpoint(partial, config, spec["vision"], weights)
     shutil.rmtree(directory, ignore_errors=True)
     partial.rename(directory)
     logger.info("wrote a random %s checkpoint to %s in %.0f s", size, directory, time.perf_counter() - started)
     return directory
 
 
-def train_tokenizer(path: Path, vocab_size: int) -> None:
-    """A LLaMA-style sentencepiece BPE (byte fallback, unk 0 / bos 1 / eos 2) trained on generated words; it reaches
-    32000 pieces in seconds, so the 1.7B/3B bench uses LLaMA's vocabulary size (smaller sizes get what the corpus gives)."""
-    import sentencepiece
-
+def random_sentences() -> list[str]:
+    """The tokenizer's corpus: generated words, on which sentencepiece reaches 32000 pieces in seconds, so the 1.7B/3B
+    bench uses LLaMA's vocabulary size (smaller sizes get what the corpus gives)."""
     rng = random.Random(0)
     words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9))) for _ in range(60000)]
-    sentences = [" ".join(words[i : i + 12]) for i in range(0, len(words), 12)]
-    model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=True,
-        remove_extra_whitespaces=False, normalization_rule_name="identity", split_digits=True,
-        hard_vocab_limit=False, minloglevel=2,
-    )
-    path.write_bytes(model.getvalue())
+    return [" ".join(words[i : i + 12]) for i in range(0, len(words), 12)]
 
 
 def build_gguf(model_dir: str, quant: str, engines_dir: str | None) -> dict[str, Any]:

@@ -15,7 +15,6 @@ The tower is frozen after 0a, so its features are computed once for the scene po
 Everything is seeded: the same seed on the same torch build gives the same checkpoint.
 """
 
-import io
 import json
 import logging
 import math
@@ -31,11 +30,9 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-import sentencepiece
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
-from safetensors.torch import save_file
 from torch import nn
 from transformers import CLIPVisionConfig, DynamicCache
 
@@ -49,6 +46,7 @@ from mobilevlm_ros.model.config import parse_config
 from mobilevlm_ros.model.mobilevlm import MobileLlamaForCausalLM
 from mobilevlm_ros.model.preprocess import ImageProcessor, expand_to_square
 from mobilevlm_ros.model.prompt import SYSTEM_PROMPT, SentencePieceTokenizer, answer_ids, prefix_ids, question_ids
+from mobilevlm_ros.model.writer import LLAMA, checkpoint_config, write_checkpoint, write_preprocessor_config, write_tokenizer
 from mobilevlm_ros.runtime.navigation import NAVIGATION_ACTIONS, NAVIGATION_PROMPT
 
 logger = logging.getLogger(__name__)
@@ -60,9 +58,9 @@ VISION = dict(
 )
 LANGUAGE = dict(
     hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-    max_position_embeddings=2048, rms_norm_eps=1e-6, rope_theta=10000.0, hidden_act="silu",
-    bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+    max_position_embeddings=2048, **LLAMA, pad_token_id=0, tie_word_embeddings=False,
 )
+VOCAB_SIZE = 512  # at most: the world's text may give fewer pieces
 IGNORE = -100  # label of tokens without loss
 
 
@@ -80,35 +78,16 @@ def corpus(rng: random.Random, sentences: int = 4000) -> Iterator[str]:
                 yield f"USER: {asked.question} ASSISTANT: {asked.answer}"
 
 
-def train_tokenizer(path: Path, seed: int, vocab_size: int = 512) -> SentencePieceTokenizer:
-    """A LLaMA-style sentencepiece BPE (byte fallback, unk 0 / bos 1 / eos 2) on the world's text."""
-    model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=corpus(random.Random(seed)), model_writer=model, vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=True,
-        remove_extra_whitespaces=False, normalization_rule_name="identity", split_digits=True,
-        hard_vocab_limit=False, minloglevel=2,
-    )
-    path.write_bytes(model.getvalue())
-    return SentencePieceTokenizer(path)
-
-
-def checkpoint_config(vocab_size: int) -> dict:
-    """config.json as MobileVLM writes it: LLaMA fields plus mm_* (tower in a local directory). The projector is v1's
-    LDP: its stride-2 block halves the tiny tower's 12x12 grid to 36 image tokens (LDPv2 would keep 144), so the
-    4-layer LLM searches a quarter as many tokens for the shape a question names."""
-    return {
-        "architectures": ["MobileLlamaForCausalLM"], "model_type": "mobilevlm", "torch_dtype": "float16",
-        "vocab_size": vocab_size, **LANGUAGE,
-        "mm_vision_tower": TOWER_DIR, "vision_tower_type": "clip", "mm_projector_type": "ldpnet",
-        "mm_hidden_size": VISION["hidden_size"], "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
-        "image_aspect_ratio": "pad", "mm_use_im_start_end": False, "mm_use_im_patch_token": False,
-    }
+def demo_config(vocab_size: int) -> dict:
+    """The demo checkpoint's config.json. The projector is v1's LDP: its stride-2 block halves the tiny tower's 12x12
+    grid to 36 image tokens (LDPv2 would keep 144), so the 4-layer LLM searches a quarter as many tokens for the shape
+    a question names."""
+    return checkpoint_config({"vocab_size": vocab_size, **LANGUAGE}, TOWER_DIR, "ldpnet", VISION["hidden_size"])
 
 
 def build_model(vocab_size: int, seed: int) -> MobileLlamaForCausalLM:
     torch.manual_seed(seed)
-    config = parse_config(checkpoint_config(vocab_size), Path("config.json"))
+    config = parse_config(demo_config(vocab_size), Path("config.json"))
     model = MobileLlamaForCausalLM(config, CLIPVisionConfig(**VISION))
     init_grid_positions(model.vision_path.vision_tower.vision_tower.vision_model.embeddings.position_embedding.weight)
     return model
@@ -343,8 +322,9 @@ def train(out_dir: str | Path, recipe: Recipe = Recipe(), device: torch.device |
     torch.manual_seed(recipe.seed)
     work = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
-    (work / TOWER_DIR).mkdir(parents=True)
-    tokenizer = train_tokenizer(work / "tokenizer.model", recipe.seed)
+    work.mkdir(parents=True)
+    write_tokenizer(work / "tokenizer.model", corpus(random.Random(recipe.seed)), VOCAB_SIZE)
+    tokenizer = SentencePieceTokenizer(work / "tokenizer.model")
     vocab_size = tokenizer.sp.get_piece_size()
     model = build_model(vocab_size, recipe.seed).to(device)
     processor = ImageProcessor(crop_size=VISION["image_size"], shortest_edge=VISION["image_size"])
@@ -408,7 +388,8 @@ def train(out_dir: str | Path, recipe: Recipe = Recipe(), device: torch.device |
     loss = optimize("2 instruct", [*projector.parameters(), *language_parameters], recipe.instruct_steps, recipe.instruct_learning_rate,
                     lambda step: questions_loss(projected, lambda scene: draw_questions(rng, scene, recipe.questions_per_image)))
 
-    save_checkpoint(model, work)
+    write_checkpoint(work, demo_config(vocab_size), VISION, model.state_dict())
+    write_preprocessor_config(work / TOWER_DIR, VISION["image_size"])
     (work / "training.json").write_text(json.dumps({
         "recipe": recipe.__dict__, "final_loss": loss, "seconds": round(time.perf_counter() - started),
         "torch": torch.__version__, "navigation_prompt": NAVIGATION_PROMPT, "navigation_actions": NAVIGATION_ACTIONS,
@@ -418,15 +399,3 @@ def train(out_dir: str | Path, recipe: Recipe = Recipe(), device: torch.device |
     logger.info("wrote %s in %.0f s", out_dir, time.perf_counter() - started)
     return out_dir
 
-
-def save_checkpoint(model: MobileLlamaForCausalLM, directory: Path) -> None:
-    """config.json, fp16 model.safetensors (every key as upstream names it) and the tower's config directory."""
-    (directory / "config.json").write_text(json.dumps(checkpoint_config(model.config.vocab_size), indent=2) + "\n")
-    tower = directory / TOWER_DIR
-    (tower / "config.json").write_text(json.dumps({"model_type": "clip_vision_model", **VISION}, indent=2) + "\n")
-    processor = {"crop_size": VISION["image_size"], "size": VISION["image_size"], "do_center_crop": True, "do_normalize": True,
-                 "do_resize": True, "image_mean": list(ImageProcessor.image_mean), "image_std": list(ImageProcessor.image_std),
-                 "resample": 3, "image_processor_type": "CLIPImageProcessor"}
-    (tower / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
-    weights = {key: value.detach().to("cpu", torch.float16).contiguous() for key, value in model.state_dict().items()}
-    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})

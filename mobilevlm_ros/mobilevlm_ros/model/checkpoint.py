@@ -26,6 +26,7 @@ from mobilevlm_ros.model.config import MobileVLMConfig, load_config
 from mobilevlm_ros.model.mobilevlm import MobileLlamaForCausalLM
 from mobilevlm_ros.model.preprocess import ImageProcessor
 from mobilevlm_ros.model.prompt import Tokenizer, load_tokenizer
+from mobilevlm_ros.model.vision import CLIP_VIT_L_14_336
 
 logger = logging.getLogger(__name__)
 
@@ -34,12 +35,7 @@ VISION_PREFIXES = ("model.vision_tower.", "model.mm_projector.")
 
 # The tower's architecture when `mm_vision_tower` names a hub model that is not on disk. Only the settings are
 # known here; the weights must then be stored in the checkpoint (as official checkpoints do).
-KNOWN_VISION_TOWERS = {
-    "openai/clip-vit-large-patch14-336": dict(
-        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-        image_size=336, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=768,
-    ),
-}
+KNOWN_VISION_TOWERS = {"openai/clip-vit-large-patch14-336": CLIP_VIT_L_14_336}
 
 # (index file, single file) per format, in order of preference.
 _WEIGHT_LAYOUTS = (

@@ -9,6 +9,12 @@ import torch
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
+# CLIP ViT-L/14 at 336 px, the tower of every MobileVLM: its CLIPVisionConfig fields.
+CLIP_VIT_L_14_336 = dict(
+    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+    image_size=336, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=768,
+)
+
 
 class LegacyCLIPVisionModel(nn.Module):
     """transformers 4.x key layout (`vision_model.*`) around transformers 5's `CLIPVisionModel`."""
