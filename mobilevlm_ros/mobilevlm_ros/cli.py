@@ -26,9 +26,9 @@ VISION_ARTIFACTS = {"onnx": "onnxruntime", "tensorrt": "tensorrt"}
 
 def _ask(args: argparse.Namespace) -> int:
     from mobilevlm_ros.model.preprocess import load_image_file
-    from mobilevlm_ros.model.prompt import build_prompt
+    from mobilevlm_ros.model.prompt import check_question
 
-    build_prompt(args.question)  # an empty question or a bad backend choice fails before anything is read
+    check_question(args.question)  # an empty question or a bad backend choice fails before anything is read
     vision_precision(args.vision, args.precision)
     image = load_image_file(args.image)
     vlm = _load_model(args)

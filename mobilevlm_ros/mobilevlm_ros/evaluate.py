@@ -65,9 +65,14 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.lower().split()).strip(" .,;:!?\"'")
 
 
+def is_correct(prediction: str, answer: str) -> bool:
+    """Exact match after normalization: how every answer is scored (eval, the demo, the demo model's tests)."""
+    return normalize_answer(prediction) == normalize_answer(answer)
+
+
 def score(questions: list[Question], predictions: list[str]) -> dict:
     """Exact-match accuracy overall and per kind; POPE's metrics over the yes/no questions."""
-    correct = [normalize_answer(p) == normalize_answer(q.answer) for q, p in zip(questions, predictions, strict=True)]
+    correct = [is_correct(p, q.answer) for q, p in zip(questions, predictions, strict=True)]
     by_kind: dict[str, list[bool]] = defaultdict(list)
     for question, hit in zip(questions, correct):
         by_kind[question.kind].append(hit)

@@ -20,7 +20,7 @@ from sensor_msgs.msg import RegionOfInterest
 from mobilevlm_interfaces.srv import NavigationInstruction, VisualQuery
 from mobilevlm_ros.demo import DEMO_CHECKPOINT
 from mobilevlm_ros.demo.world import QUESTION_KINDS, held_out_samples, render, small_object_sample
-from mobilevlm_ros.evaluate import normalize_answer
+from mobilevlm_ros.evaluate import is_correct
 from test_node import Harness, encode
 
 HELD_OUT_SEED = 20261122  # training draws from seeds 0 and 1
@@ -53,7 +53,7 @@ def test_the_demo_model_answers_held_out_questions_through_the_node(harness, fig
             response = harness.call(harness.vqa, VisualQuery.Request(question=sample.question, image=image))
             answer = response.answer
         assert response.success, response.error
-        right += normalize_answer(answer) == sample.answer
+        right += is_correct(answer, sample.answer)
     figures[f"demo model accuracy: {kind}"] = {"right": right, "samples": SAMPLES, "majority answer": blind_guess,
                                                "issue target": ISSUE_TARGET.get(kind)}
     assert right > blind_guess
@@ -72,7 +72,7 @@ def test_a_small_far_object_is_answered_in_crop_mode_where_the_overview_misses_i
             roi = RegionOfInterest(x_offset=x, y_offset=y, width=width, height=height) if mode == "crop" else RegionOfInterest()
             response = harness.call(harness.vqa, VisualQuery.Request(question=sample.question, image=image, mode=mode, roi=roi))
             assert response.success, response.error
-            right[mode] += normalize_answer(response.answer) == sample.answer
+            right[mode] += is_correct(response.answer, sample.answer)
     figures["demo model, small object in 1920x1080 (colour)"] = right | {"samples": SMALL_OBJECT_SAMPLES}
     assert right["crop"] / SMALL_OBJECT_SAMPLES >= 0.90
     assert right["overview"] / SMALL_OBJECT_SAMPLES <= 0.5

@@ -7,7 +7,7 @@ import torch
 
 from mobilevlm_ros.cli import main
 from mobilevlm_ros.demo.world import write_eval_set
-from mobilevlm_ros.evaluate import EvalDataError, Question, normalize_answer, read_questions, score
+from mobilevlm_ros.evaluate import EvalDataError, Question, is_correct, normalize_answer, read_questions, score
 
 
 def test_bad_lines_are_named_by_number(tmp_path):
@@ -31,6 +31,7 @@ def test_answers_match_after_normalization():
     assert normalize_answer("  Red. ") == "red" == normalize_answer("RED")
     assert normalize_answer("turn_left") == "turn_left"
     assert normalize_answer("a  blue\nsquare!") == "a blue square"
+    assert is_correct(" Turn_left.", "turn_left") and not is_correct("left", "turn_left")
 
 
 def test_accuracy_per_kind_and_pope_metrics():

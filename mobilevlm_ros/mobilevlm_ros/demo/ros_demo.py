@@ -29,6 +29,7 @@ from std_msgs.msg import Header
 
 from mobilevlm_interfaces.srv import NavigationInstruction, VisualQuery
 from mobilevlm_ros.demo.showcase import demo_samples
+from mobilevlm_ros.evaluate import is_correct
 from mobilevlm_ros.ros.image_conversion import image_to_rgb, rgb_to_image
 from mobilevlm_ros.ros.node import MobileVLMNode
 
@@ -134,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             response = ask_about(camera, client, frame, sample.kind, sample.question)
             answer = (response.action if sample.kind == "navigation" else response.answer) if response.success else f"error: {response.error}"
             failures += not response.success
-            mark = "" if answer.strip().lower().rstrip(".") == sample.answer else "  (wrong)"
+            mark = "" if is_correct(answer, sample.answer) else "  (wrong)"
             print(f"{sample.kind:<10} {sample.question:<62} {answer:<14} {sample.answer:<13} {response.latency_s * 1e3:>6.0f}{mark}")
             deadline = time.monotonic() + 2.0
             while len(client.debug_images) == seen and time.monotonic() < deadline:

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from mobilevlm_ros.demo.world import QUESTION_KINDS, Sample, held_out_samples, render
+from mobilevlm_ros.evaluate import is_correct
 from mobilevlm_ros.ros.debug_image import draw_caption
 from mobilevlm_ros.runtime.navigation import NAVIGATION_ACTIONS, navigation_question
 from mobilevlm_ros.runtime.vlm import MobileVLM
@@ -30,7 +31,7 @@ class DemoAnswer:
 
     @property
     def correct(self) -> bool:
-        return self.answer.strip().lower().rstrip(".") == self.sample.answer
+        return is_correct(self.answer, self.sample.answer)
 
 
 def demo_samples(per_kind: int, seed: int = DEMO_SEED) -> list[tuple[np.ndarray, Sample]]:

@@ -23,11 +23,16 @@ SYSTEM_PROMPT = (
 )
 
 
+def check_question(text: str, what: str = "question") -> None:
+    """Refuse an empty or blank question (or, as `what` says, instruction) before any work is done for it."""
+    if not text or not text.strip():
+        raise PromptError(f"{what} is empty")
+
+
 def build_prompt(question: str, image_text: str = IMAGE_PLACEHOLDER) -> str:
     """The "v1" template with the image before the question, as upstream's inference script builds it
     (`image_text`: several images, see `tiled_image_text`)."""
-    if not question or not question.strip():
-        raise PromptError("question is empty")
+    check_question(question)
     return f"{SYSTEM_PROMPT} USER: {image_text}\n{question} ASSISTANT:"
 
 
@@ -147,8 +152,7 @@ def image_prefix_ids(tokenizer: Tokenizer, image_text: str = IMAGE_PLACEHOLDER) 
 def question_ids(tokenizer: Tokenizer, question: str, first: bool = True) -> list[int]:
     """A question's turn: right after the image "\n{question} ASSISTANT:" (upstream's tokenization of the text after
     `<image>`); a later turn of a conversation "USER: {question} ASSISTANT:" (it follows the previous answer's EOS)."""
-    if not question or not question.strip():
-        raise PromptError("question is empty")
+    check_question(question)
     return tokenizer.encode(f"\n{question} ASSISTANT:" if first else f"USER: {question} ASSISTANT:")
 
 

@@ -34,6 +34,7 @@ from mobilevlm_interfaces.msg import Answer
 from mobilevlm_interfaces.srv import NavigationInstruction, VisualQuery
 from mobilevlm_ros.demo import DEMO_CHECKPOINT
 from mobilevlm_ros.errors import MobileVLMError
+from mobilevlm_ros.model.prompt import check_question
 from mobilevlm_ros.ros.debug_image import draw_caption
 from mobilevlm_ros.ros.diagnostics import RequestStats
 from mobilevlm_ros.ros.frames import Frame, FrameError, FrameStore
@@ -226,8 +227,7 @@ class MobileVLMNode(LifecycleNode):
         if self.worker is None:
             raise MobileVLMError("node is not active")
         what = "instruction" if actions is not None else "question"
-        if not text.strip():
-            raise MobileVLMError(f"{what} is empty")
+        check_question(text, what)
         if len(text) > self.params["max_question_chars"]:
             raise MobileVLMError(f"{what} is {len(text)} characters; the limit is {self.params['max_question_chars']} (max_question_chars)")
         camera = camera or self.params["cameras"][0]

@@ -14,7 +14,7 @@ from mobilevlm_ros.choices import AUTO, IMAGE_MODES, LANGUAGE_BACKENDS, check_ch
 from mobilevlm_ros.errors import PromptError
 from mobilevlm_ros.model.config import MobileVLMConfig
 from mobilevlm_ros.model.preprocess import ChannelOrder, ImageInput, ImageProcessor, to_pil_rgb
-from mobilevlm_ros.model.prompt import IMAGE_PLACEHOLDER, Tokenizer, build_prompt, tiled_image_text, tokenize_with_image
+from mobilevlm_ros.model.prompt import IMAGE_PLACEHOLDER, Tokenizer, build_prompt, check_question, tiled_image_text, tokenize_with_image
 from mobilevlm_ros.model.tiling import DEFAULT_MAX_TILES, Box, Grid, roi_box, tile_boxes, tile_grid
 from mobilevlm_ros.runtime.backends import default_device, load_language, load_vision
 from mobilevlm_ros.runtime.language import LanguageBackend
@@ -161,7 +161,7 @@ class MobileVLM:
         """Answer `question` about `image` (greedy by default, like upstream's benchmarks). `mode` (IMAGE_MODES):
         "overview" (upstream's one padded view), "tiles", "per_tile" or "crop" with `roi` = (x, y, width, height)."""
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-        build_prompt(question)  # an empty question fails before the image is encoded
+        check_question(question)  # an empty question fails before the image is encoded
         return self.session(image, channel_order, mode=mode, roi=roi, max_tiles=max_tiles).ask(question, params).text
 
     def prompt_ids(self, question: str, image_text: str = IMAGE_PLACEHOLDER) -> list[int]:
