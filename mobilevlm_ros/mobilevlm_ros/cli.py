@@ -88,7 +88,9 @@ def _build(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from mobilevlm_ros.bench import BenchOptions, markdown, run_bench, to_json
+    from mobilevlm_ros.bench import BenchOptions
+    from mobilevlm_ros.bench.report import markdown, to_json
+    from mobilevlm_ros.bench.run import run_bench
 
     options = BenchOptions(
         size=args.size, model=args.model, language=args.language, quant=args.quant, vs=tuple(args.vs), new_tokens=args.new_tokens,

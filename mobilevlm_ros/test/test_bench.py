@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from mobilevlm_ros.bench import BenchOptions, BenchResult, _Worker, markdown, ratios
+from mobilevlm_ros.bench import BenchOptions, BenchResult
+from mobilevlm_ros.bench.harness import Worker
+from mobilevlm_ros.bench.report import markdown, ratios
 from mobilevlm_ros.cli import main
 from mobilevlm_ros.cpu import RELEVANT_FLAGS, cpu_info
 
@@ -83,4 +85,4 @@ def crash_on_setup() -> None:
 
 def test_a_pipeline_process_that_dies_is_named_with_its_signal():
     with pytest.raises(RuntimeError, match=r"process died \(signal SIGSEGV\) before it answered"):
-        _Worker(crash_on_setup)
+        Worker(crash_on_setup)

@@ -31,6 +31,7 @@ Roi = tuple[int, int, int, int]  # x, y, width, height in pixels of the frame
 class FrameViews:
     """What the vision backend sees of one frame in one mode (one batch), and how the prompt holds it."""
 
+    mode: str  # one of IMAGE_MODES
     images: list[Image.Image]
     image_text: str  # the prompt's image part when all images go in one prompt: `<image>`s and separators
     boxes: list[Box | None]  # where each image lies in the frame; None = the whole frame
@@ -99,9 +100,9 @@ class MobileVLM:
 
     @torch.inference_mode()
     def encode_images(self, images: Sequence[ImageInput], channel_order: ChannelOrder = "rgb") -> torch.Tensor:
-        """Images -> their embeddings [len(images), num_image_tokens, hidden]: the image processor's batch, then one
-        call of the vision backend. The embeddings stay where the backend made them; a language backend takes them
-        to its own device and dtype."""
+        """Images -> their embeddings [len(images), num_image_tokens, hidden]: `image_processor.batch`, then one call
+        of the vision backend `vision` (both public, for callers that time them apart). The embeddings stay where the
+        backend made them; a language backend takes them to its own device and dtype."""
         return self.vision(self.image_processor.batch(images, channel_order))
 
     def encode_image(self, image: ImageInput, channel_order: ChannelOrder = "rgb") -> torch.Tensor:
@@ -122,15 +123,15 @@ class MobileVLM:
         frame = to_pil_rgb(image, channel_order)
         grid = tile_grid(frame.size, self.image_processor.crop_size, max_tiles)
         if mode == "overview":
-            return FrameViews([frame], IMAGE_PLACEHOLDER, [None], grid)
+            return FrameViews(mode, [frame], IMAGE_PLACEHOLDER, [None], grid)
         if mode == "crop":
             box = roi_box(roi, frame.size)
-            return FrameViews([frame.crop(box)], IMAGE_PLACEHOLDER, [box], grid)
+            return FrameViews(mode, [frame.crop(box)], IMAGE_PLACEHOLDER, [box], grid)
         boxes = tile_boxes(frame.size, grid) if grid != (1, 1) else []
         tiles = [frame.crop(box) for box in boxes]
         if mode == "tiles":
-            return FrameViews([frame, *tiles], tiled_image_text(*grid), [None, *boxes], grid)
-        return FrameViews(tiles or [frame], IMAGE_PLACEHOLDER, boxes or [(0, 0, *frame.size)], grid)
+            return FrameViews(mode, [frame, *tiles], tiled_image_text(*grid), [None, *boxes], grid)
+        return FrameViews(mode, tiles or [frame], IMAGE_PLACEHOLDER, boxes or [(0, 0, *frame.size)], grid)
 
     def session(
         self, image: ImageInput, channel_order: ChannelOrder = "rgb", keep_history: bool = False, mode: str = "overview",
@@ -138,13 +139,17 @@ class MobileVLM:
     ) -> Session | PerTileSession:
         """Encode `image` as `mode` shows it (one vision call) and prefill [system prompt + image part] once, for any
         number of questions about it. `per_tile` gives a PerTileSession (ask only; no history)."""
-        if mode == "per_tile" and keep_history:
-            raise PromptError("per_tile asks each tile on its own and keeps no history")
         views = self.views(image, mode, roi, max_tiles, channel_order)
-        embeds = self.encode_images(views.images)
-        if mode == "per_tile":
-            return PerTileSession(self.language, self.tokenizer, embeds, views.boxes)
-        return Session(self.language, self.tokenizer, embeds, keep_history, image_text=views.image_text)
+        return self.open_session(views, self.encode_images(views.images), keep_history)
+
+    def open_session(self, views: FrameViews, image_embeds: torch.Tensor, keep_history: bool = False) -> Session | PerTileSession:
+        """`session` for views already encoded (`image_embeds`: `encode_images(views.images)`), for callers that
+        time or run the vision step themselves (the bench)."""
+        if views.mode != "per_tile":
+            return Session(self.language, self.tokenizer, image_embeds, keep_history, image_text=views.image_text)
+        if keep_history:
+            raise PromptError("per_tile asks each tile on its own and keeps no history")
+        return PerTileSession(self.language, self.tokenizer, image_embeds, views.boxes)
 
     def ask(
         self,
