@@ -59,6 +59,7 @@ def setup_ours(model_dir: str, options: BenchOptions, engines_dir: str | None) -
     vlm = MobileVLM.from_pretrained(
         model_dir, device=options.device, dtype=getattr(torch, options.vision_dtype), language=options.language,
         quant=options.quant, engines_dir=engines_dir, vision=options.vision, vision_precision=options.vision_precision,
+        llama_amx=options.llama_amx,
     )
     load_s = time.perf_counter() - started
     image = bench_frame()
