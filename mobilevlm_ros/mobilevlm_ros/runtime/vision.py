@@ -30,7 +30,10 @@ class TorchVision:
 
     def __init__(self, vision_path: VisionPath):
         self.vision_path = vision_path
-        self.device = vision_path.device
+
+    @property
+    def device(self) -> torch.device:
+        return self.vision_path.device
 
     @torch.inference_mode()
     def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
