@@ -163,13 +163,22 @@ TRT_REASON = tensorrt_unavailable_reason()
 @pytest.mark.skipif(TRT_REASON is not None, reason=f"TensorRT tests need TensorRT and a CUDA GPU: {TRT_REASON}")
 @pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-3), ("fp16", 0.999)])
 def test_tensorrt_engine_matches_torch(make_checkpoint, tmp_path, precision, tolerance):
-    from mobilevlm_ros.export.tensorrt import build_engine, onnx_opset_for_tensorrt
+    """Built from the graph this TensorRT's plan names (TensorRT 11: fp16 from the fp16 graph); fp32 has TF32 off."""
+    import tensorrt as trt
+
+    from mobilevlm_ros.export.onnx_fp16 import write_fp16_graph
+    from mobilevlm_ros.export.tensorrt import build_engine, build_plan
     from mobilevlm_ros.runtime.tensorrt import TensorRTVision
 
     model = load_checkpoint(make_checkpoint(dtype=torch.float32)).model
-    export_onnx(model, tmp_path / "vision.onnx", opset=onnx_opset_for_tensorrt())
-    build_engine(tmp_path / "vision.onnx", tmp_path / "vision.engine", precision, 336, max_batch=4,
-                 timing_cache_path=tmp_path / "timing.cache")
+    graph = tmp_path / "vision.onnx"
+    export_onnx(model, graph)
+    if build_plan(trt, precision).graph == "fp16":
+        write_fp16_graph(graph, tmp_path / "vision-fp16.onnx")
+        graph = tmp_path / "vision-fp16.onnx"
+    details = build_engine(graph, tmp_path / "vision.engine", precision, 336, max_batch=4,
+                           timing_cache_path=tmp_path / f"timing-{precision}.cache")
+    assert details["tf32"] == (precision != "fp32")
     engine = TensorRTVision(tmp_path / "vision.engine", torch.device("cuda"))
     x = pixels(2)
     ours = engine(x).float().cpu()
@@ -178,7 +187,7 @@ def test_tensorrt_engine_matches_torch(make_checkpoint, tmp_path, precision, tol
         assert (ours - expected).abs().max().item() <= tolerance
     else:
         assert torch.nn.functional.cosine_similarity(ours.flatten(), expected.flatten(), dim=0).item() >= tolerance
-    assert (tmp_path / "timing.cache").stat().st_size > 0
+    assert (tmp_path / f"timing-{precision}.cache").stat().st_size > 0
 
 
 def test_tensorrt_availability_is_explained():
