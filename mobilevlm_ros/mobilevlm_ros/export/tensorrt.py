@@ -103,7 +103,7 @@ def build_plan(trt: ModuleType, precision: str) -> BuildPlan:
     if tensorrt_version(trt) < MIN_TENSORRT:
         raise ArtifactError(f"TensorRT {trt.__version__} is not supported: this package needs TensorRT 8.6 or later (JetPack 6 or later)")
     if reason := precision_support(trt)[precision]:
-        raise ArtifactError(f"cannot build a {precision} engine: {reason}")
+        raise ArtifactError(f"cannot build an engine in {precision}: {reason}")
     tf32 = precision != "fp32"  # "fp32" means fp32: TensorRT's default TF32 is cleared
     if strongly_typed_only(trt):
         return BuildPlan(precision, "fp16" if precision == "fp16" else "fp32", True, (), tf32)
