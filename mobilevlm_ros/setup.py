@@ -23,16 +23,20 @@ setup(
         (f"share/{PACKAGE}/launch", glob("launch/*.launch.py")),
         (f"share/{PACKAGE}/config", glob("config/*.yaml")),
     ],
+    # Python 3.10: the code's syntax (X | Y types); JetPack 6 and Humble have 3.10.
     python_requires=">=3.10",
-    # Unpinned on purpose: the pins live in the repository's requirements.txt. rclpy and the message
-    # packages come from ROS (or the ros-* wheels), not from this list. torch is a lower bound only,
-    # so an installed build (CPU, CUDA, JetPack) satisfies it and pip never swaps it.
+    # Lower bounds only, each the oldest release the code works with (the pins live in the repository's
+    # requirements.txt). rclpy and the message packages come from ROS (or the ros-* wheels), not from this list.
+    # torch is a lower bound only, so an installed build (CPU, CUDA, JetPack) satisfies it and pip never swaps it.
     install_requires=[
-        "numpy",
-        "pillow",
+        "numpy>=1.21",  # Humble's / JetPack 6's python3-numpy; nothing newer is used
+        "pillow>=9.1",  # Image.Resampling (model/preprocess.py); Humble's python3-pil 9.0.1 lacks it
         "opencv-python-headless",
-        "torch>=2.1",
-        "transformers>=5",
+        # transformers 5.14 disables torch < 2.4 (5.15-5.19: < 2.5, 5.20 on: < 2.6)
+        "torch>=2.4",
+        # 5.14: the oldest release test_session.py and test_torch_backend.py pass with (5.13.1 fails the cached-prefix
+        # equalities; CLIPVisionModel lost its `vision_model` level in 5.6; StaticLayer.cumulative_length is from 5.4)
+        "transformers>=5.14",
         "safetensors",
         "sentencepiece",
         "tokenizers",
@@ -40,7 +44,7 @@ setup(
     extras_require={
         # Optional backends: `auto` uses them when they are installed.
         "llamacpp": ["llama-cpp-python", "gguf"],
-        "onnx": ["onnx", "onnxruntime"],
+        "onnx": ["onnx>=1.12", "onnxruntime"],  # onnx 1.12: opset 17 (LayerNormalization)
         # An extra, not `tests_require`: setuptools >= 72 no longer knows that option and warns about it.
         "test": ["pytest"],
     },

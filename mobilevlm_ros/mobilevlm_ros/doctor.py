@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from mobilevlm_ros.cpu import cpu_info
-from mobilevlm_ros.runtime.tensorrt import tensorrt_unavailable_reason
+from mobilevlm_ros.runtime.tensorrt import describe_precisions, tensorrt_unavailable_reason
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,22 @@ def _importable(module: str) -> str | None:
     return None
 
 
+def _tensorrt_check(gpu: str) -> Check:
+    """TensorRT's version as its bindings report it (`tensorrt.__version__`: package metadata names another
+    distribution for tensorrt-cu12 wheels and JetPack's apt bindings), what it builds, and why it cannot run if not."""
+    if problem := _importable("tensorrt"):
+        return Check("tensorrt (vision)", False, problem)
+    import tensorrt
+
+    reason = tensorrt_unavailable_reason()
+    try:
+        builds = describe_precisions(tensorrt)
+    except Exception as error:  # bindings too old or too odd to describe: say so rather than fail the doctor
+        builds = f"cannot tell what it builds ({type(error).__name__}: {error})"
+    detail = f"{tensorrt.__version__}; {builds}; {gpu}"
+    return Check("tensorrt (vision)", reason is None, f"{reason} (TensorRT {detail})" if reason else detail)
+
+
 def checks() -> list[Check]:
     """Every backend and runtime the library can use, probed without loading a model."""
     cuda = torch.cuda.is_available()
@@ -53,8 +69,7 @@ def checks() -> list[Check]:
 
         results.append(Check("onnxruntime (vision)", True, f"{onnxruntime.__version__}; providers {', '.join(onnxruntime.get_available_providers())}"))
 
-    reason = tensorrt_unavailable_reason()
-    results.append(Check("tensorrt (vision)", reason is None, reason or f"{_version('tensorrt')}; {gpu}"))
+    results.append(_tensorrt_check(gpu))
 
     if problem := _importable("llama_cpp"):
         results.append(Check("llamacpp (language)", False, problem))

@@ -5,23 +5,16 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
-from transformers import CLIPVisionConfig
 
 from mobilevlm_ros.export import onnx as onnx_export
 from mobilevlm_ros.export.onnx import export_onnx, onnx_artifact, quantize_onnx
 from mobilevlm_ros.model.checkpoint import is_vision_key, load_checkpoint
-from mobilevlm_ros.model.config import parse_config
-from mobilevlm_ros.model.mobilevlm import MobileLlamaForCausalLM
 from mobilevlm_ros.runtime.tensorrt import tensorrt_unavailable_reason
 from mobilevlm_ros.runtime.vision import OnnxRuntimeVision, TorchVision
 from mobilevlm_ros.runtime.vlm import MobileVLM
-from tiny_checkpoint import official_config
+from vision_graphs import cosine, pixels, real_size_vision_model
 
 CPU = torch.device("cpu")
-
-
-def pixels(batch: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(batch, 3, 336, 336, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("projector", ["ldpnetv2", "ldpnet", "mlp2x_gelu"])
@@ -67,10 +60,6 @@ def test_large_graphs_keep_weights_in_one_external_file(make_checkpoint, tmp_pat
     assert (tmp_path / "vision.onnx").stat().st_size < 100_000
     x = pixels(1)
     assert (OnnxRuntimeVision(tmp_path / "vision.onnx", CPU)(x) - TorchVision(vision)(x)).abs().max().item() <= 1e-4
-
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
 
 
 def test_fp16_model_exports_an_fp32_graph_and_keeps_its_dtype(make_checkpoint, tmp_path):
@@ -138,19 +127,6 @@ def test_unreadable_graph_is_a_clear_error(tmp_path):
         OnnxRuntimeVision(tmp_path / "vision.onnx", CPU)
 
 
-def real_size_vision_model() -> MobileLlamaForCausalLM:
-    """CLIP ViT-L/14-336 + LDPv2 at MobileVLM 1.7B width (2048) with random weights; a one-layer LLM keeps it light."""
-    fields = official_config("ldpnetv2", 256, "openai/clip-vit-large-patch14-336") | {
-        "hidden_size": 2048, "intermediate_size": 256, "num_hidden_layers": 1, "num_attention_heads": 16,
-        "num_key_value_heads": 16, "mm_hidden_size": 1024,
-    }
-    config = parse_config(fields, Path("real-size/config.json"))
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, hidden_act="quick_gelu", projection_dim=768)
-    torch.manual_seed(0)
-    return MobileLlamaForCausalLM(config, vision).eval()
-
-
 @pytest.mark.slow
 def test_real_size_vision_graph_matches_torch(tmp_path):
     """fp32 and int8 graphs at CLIP ViT-L/14-336 + LDPv2 (1.7B) size against torch."""
@@ -174,13 +150,22 @@ TRT_REASON = tensorrt_unavailable_reason()
 @pytest.mark.skipif(TRT_REASON is not None, reason=f"TensorRT tests need TensorRT and a CUDA GPU: {TRT_REASON}")
 @pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-3), ("fp16", 0.999)])
 def test_tensorrt_engine_matches_torch(make_checkpoint, tmp_path, precision, tolerance):
-    from mobilevlm_ros.export.tensorrt import build_engine, onnx_opset_for_tensorrt
+    """Built from the graph this TensorRT's plan names (TensorRT 11: fp16 from the fp16 graph); fp32 has TF32 off."""
+    import tensorrt as trt
+
+    from mobilevlm_ros.export.onnx_fp16 import write_fp16_graph
+    from mobilevlm_ros.export.tensorrt import build_engine, build_plan
     from mobilevlm_ros.runtime.tensorrt import TensorRTVision
 
     vision = load_checkpoint(make_checkpoint(dtype=torch.float32)).model.vision_path
-    export_onnx(vision, tmp_path / "vision.onnx", opset=onnx_opset_for_tensorrt())
-    build_engine(tmp_path / "vision.onnx", tmp_path / "vision.engine", precision, 336, max_batch=4,
-                 timing_cache_path=tmp_path / "timing.cache")
+    graph = tmp_path / "vision.onnx"
+    export_onnx(vision, graph)
+    if build_plan(trt, precision).graph == "fp16":
+        write_fp16_graph(graph, tmp_path / "vision-fp16.onnx")
+        graph = tmp_path / "vision-fp16.onnx"
+    details = build_engine(graph, tmp_path / "vision.engine", precision, 336, max_batch=4,
+                           timing_cache_path=tmp_path / f"timing-{precision}.cache")
+    assert details["tf32"] == (precision != "fp32")
     engine = TensorRTVision(tmp_path / "vision.engine", torch.device("cuda"))
     x = pixels(2)
     ours = engine(x).float().cpu()
@@ -189,7 +174,7 @@ def test_tensorrt_engine_matches_torch(make_checkpoint, tmp_path, precision, tol
         assert (ours - expected).abs().max().item() <= tolerance
     else:
         assert torch.nn.functional.cosine_similarity(ours.flatten(), expected.flatten(), dim=0).item() >= tolerance
-    assert (tmp_path / "timing.cache").stat().st_size > 0
+    assert (tmp_path / f"timing-{precision}.cache").stat().st_size > 0
 
 
 def test_tensorrt_availability_is_explained():

@@ -12,6 +12,7 @@ Runtime alike; int8 GEMMs are what make it faster (see README, Backends).
 """
 
 import copy
+import inspect
 import logging
 import tempfile
 import warnings
@@ -50,7 +51,7 @@ def export_onnx(
     file unless the graph passes protobuf's 2 GB limit; then its weights go to one external data file beside it,
     `external_data_name` (default `<file>.data`).
 
-    `opset` below 17 decomposes LayerNorm into primitive ops (TensorRT 8.5 cannot parse LayerNormalization).
+    `opset` below 17 decomposes LayerNorm into primitive ops (for runtimes without LayerNormalization).
     Returns what the artifact manifest records: tensor names, opset, and the external data file if any.
     """
     input_name, output_name = TENSOR_NAMES[part]
@@ -71,7 +72,7 @@ def export_onnx(
             raw = Path(scratch) / "graph.onnx"  # the exporter may scatter weights of a large graph next to it
             torch.onnx.export(
                 graph, (example,), str(raw), input_names=[input_name], output_names=[output_name],
-                dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}}, opset_version=opset, dynamo=False,
+                dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}}, opset_version=opset, **torchscript_exporter(),
             )
             proto = onnx.load(str(raw))
     finally:
@@ -85,6 +86,13 @@ def export_onnx(
         onnx.save_model(proto, str(path))
     logger.info("exported the %s graph to %s (%.1f MB)", part, path, path.stat().st_size / 1e6)
     return details
+
+
+def torchscript_exporter(export: object = None) -> dict[str, bool]:
+    """The keyword that picks the TorchScript exporter: `dynamo=False` where `torch.onnx.export` has that parameter
+    (torch 2.4 on; 2.9 made the dynamo exporter the default), nothing on older torch, which has only that exporter."""
+    parameters = inspect.signature(export or torch.onnx.export).parameters
+    return {"dynamo": False} if "dynamo" in parameters else {}
 
 
 def quantize_onnx(source: Path, path: Path) -> dict[str, object]:

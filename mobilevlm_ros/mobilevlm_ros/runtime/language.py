@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache, LlamaForCausalLM, StaticCache
 
-from mobilevlm_ros.errors import PromptError
+from mobilevlm_ros.errors import ConfigError, PromptError
 
 
 class KVCache(Protocol):
@@ -156,6 +156,20 @@ class Int8Linear(nn.Module):
         return out + self.bias if self.bias is not None else out
 
 
+def int8_unavailable_reason(device: torch.device) -> str | None:
+    """Why weight-only int8 cannot run on `device`, or None. torch has `_weight_int8pack_mm` kernels for the CPU from
+    2.3 and for CUDA only from 2.9 (torch 2.8's native_functions.yaml lists CPU and MPS, 2.9's adds CUDA)."""
+    key = device.type.upper()
+    try:
+        available = torch._C._dispatch_has_kernel_for_dispatch_key("aten::_weight_int8pack_mm", key)
+    except (AttributeError, RuntimeError):  # the private probe went away: fall back to what releases are known to have
+        available = key == "CPU" or (key == "CUDA" and tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 9))
+    if available:
+        return None
+    return (f"torch {torch.__version__} has no {device.type} kernel for int8 weight-only matmuls "
+            "(torch._weight_int8pack_mm: CUDA from torch 2.9); use fp16 or bf16, or the llamacpp backend")
+
+
 def quantize_int8(model: LlamaForCausalLM) -> None:
     """Replace every Linear of the decoder layers and the LM head by an Int8Linear (embeddings and norms stay)."""
     for parent in [*model.base_model.layers.modules(), model]:
@@ -175,6 +189,8 @@ class TorchLanguageModel:
         self.context_length = context_length
         self.static_cache = model.device.type == "cuda" if static_cache is None else static_cache
         if int8:
+            if reason := int8_unavailable_reason(model.device):
+                raise ConfigError(f"int8 language model on {model.device}: {reason}")
             quantize_int8(model)
 
     def new_cache(self) -> TorchKVCache:

@@ -1,13 +1,24 @@
 """A small TensorRT runtime wrapper for the vision engine: name-based tensor API, torch buffers, a dedicated stream.
 
-It uses only calls present in TensorRT 8.5 (JetPack 5.1), 8.6 and 10.x: `num_io_tensors`, `get_tensor_name`,
-`get_tensor_mode`, `get_tensor_dtype`, `get_tensor_profile_shape`, `set_input_shape`, `set_tensor_address`,
-`execute_async_v3`. Buffers are torch tensors, so the engine shares torch's CUDA context (no pycuda context of its
-own). A batch larger than the engine's profile (more tiles than it was built for) runs in chunks.
+TensorRT 8.6 (JetPack 6.0), 10.x (JetPack 6.1/6.2, x86) and 11.x (x86; JetPack is not supported by 11) all have the
+calls used here: `num_io_tensors`, `get_tensor_name`, `get_tensor_mode`, `get_tensor_dtype`, `get_tensor_profile_shape`,
+`set_input_shape`, `get_tensor_shape`, `set_tensor_address`, `execute_async_v3` (test_tensorrt_gating.py checks that
+against the recorded bindings of each release). TensorRT 8.5 (JetPack 5, Python 3.8) cannot run this package at all.
+Buffers are torch tensors, so the engine shares torch's CUDA context (no pycuda context of its own). A batch larger
+than the engine's profile (more tiles than it was built for) runs in chunks.
+
+What a TensorRT can build (`precision_support`) lives here too, so `mobilevlm doctor` can say it without importing the
+exporter: 8.6 and 10.x build fp16 and int8 from builder flags (weak typing); 11 removed those flags and the int8
+calibrators (networks are strongly typed), so fp16 comes from an fp16 ONNX graph and int8 would need Q/DQ nodes.
 """
 
 import logging
+import re
+import threading
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -15,16 +26,109 @@ from mobilevlm_ros.errors import BackendError
 
 logger = logging.getLogger(__name__)
 
+MIN_TENSORRT = (8, 6)
+_logger_lock = threading.Lock()
+_trt_logger: Any = None
+
+
+def tensorrt_version(trt: ModuleType) -> tuple[int, int]:
+    """(major, minor) of the imported bindings, from `tensorrt.__version__` (package metadata names the wrong
+    distribution for tensorrt-cu12 wheels and JetPack's apt bindings)."""
+    match = re.match(r"(\d+)\.(\d+)", str(trt.__version__))
+    if match is None:
+        raise BackendError(f"cannot read the TensorRT version from tensorrt.__version__ = {trt.__version__!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def tensorrt_logger(trt: ModuleType) -> Any:
+    """The process's one `trt.Logger` (TensorRT warns when a second one is made); it outlives every engine."""
+    global _trt_logger
+    with _logger_lock:
+        if _trt_logger is None:
+            _trt_logger = trt.Logger(trt.Logger.WARNING)
+        return _trt_logger
+
+
+def strongly_typed_only(trt: ModuleType) -> bool:
+    """True for TensorRT 11 and later: no precision builder flags; every tensor's type comes from the network."""
+    return not hasattr(trt.BuilderFlag, "FP16")
+
+
+def precision_support(trt: ModuleType) -> dict[str, str | None]:
+    """For fp16, fp32 and int8: None when this TensorRT builds it, else why not."""
+    int8 = None
+    if strongly_typed_only(trt):
+        int8 = (f"TensorRT {trt.__version__} builds int8 only from explicitly quantized (Q/DQ) graphs, which this "
+                "package does not make; use fp16, or int8 on TensorRT 8.6 / 10.x (JetPack 6)")
+    elif not hasattr(trt, "IInt8EntropyCalibrator2"):
+        int8 = f"TensorRT {trt.__version__} has no int8 entropy calibrator"
+    return {"fp16": None, "fp32": None, "int8": int8}
+
+
+def describe_precisions(trt: ModuleType) -> str:
+    """One line for `mobilevlm doctor`: what this TensorRT builds and how."""
+    support = precision_support(trt)
+    fp16 = "fp16 (from an fp16 ONNX graph, LayerNorm fp32)" if strongly_typed_only(trt) else "fp16 (builder flag)"
+    builds = [fp16, "fp32 (TF32 off)"] + (["int8 (entropy calibration)"] if support["int8"] is None else [])
+    refused = f"; not int8: {support['int8']}" if support["int8"] else ""
+    return f"builds {', '.join(builds)}{refused}"
+
 
 def tensorrt_unavailable_reason() -> str | None:
     """Why TensorRT cannot run here, or None when it can."""
     try:
-        import tensorrt  # noqa: F401
+        import tensorrt as trt
     except ImportError as error:
         return f"the tensorrt Python package is not importable ({error})"
+    try:
+        version = tensorrt_version(trt)
+    except BackendError as error:
+        return str(error)
+    if version < MIN_TENSORRT:
+        return (f"TensorRT {trt.__version__} is too old: this package needs TensorRT 8.6 or later "
+                "(JetPack 6 or later on a Jetson)")
     if not torch.cuda.is_available():
         return "no CUDA GPU is visible to torch"
     return None
+
+
+@dataclass(frozen=True)
+class EngineIO:
+    """The vision engine's one input and one output tensor, their dtypes and its profile's largest batch."""
+
+    input_name: str
+    output_name: str
+    input_dtype: torch.dtype
+    output_dtype: torch.dtype
+    max_batch: int
+
+
+def engine_io(trt: ModuleType, engine: Any, source: object = "the engine") -> EngineIO:
+    """Read the engine's tensors through the name-based API (BackendError unless one input and one output)."""
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+    outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise BackendError(f"{source}: expected one input and one output tensor, found {inputs} -> {outputs}")
+    _, _, largest = engine.get_tensor_profile_shape(inputs[0], 0)
+    return EngineIO(inputs[0], outputs[0], _torch_dtype(trt, engine.get_tensor_dtype(inputs[0])),
+                    _torch_dtype(trt, engine.get_tensor_dtype(outputs[0])), int(largest[0]))
+
+
+def set_batch_shape(context: Any, io: EngineIO, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Give the context the input shape of this call; returns the output shape it implies."""
+    if not context.set_input_shape(io.input_name, shape):
+        raise BackendError(f"the vision engine takes {io.input_name} of shape [1..{io.max_batch}, 3, S, S] for its "
+                           f"image size S, not {list(shape)}")
+    return tuple(context.get_tensor_shape(io.output_name))
+
+
+def enqueue(context: Any, io: EngineIO, input_address: int, output_address: int, stream_handle: int) -> None:
+    """Bind the two buffers and enqueue the engine on the stream."""
+    context.set_tensor_address(io.input_name, input_address)
+    context.set_tensor_address(io.output_name, output_address)
+    if not context.execute_async_v3(stream_handle):
+        raise BackendError("TensorRT failed to enqueue the vision engine")
 
 
 class TensorRTVision:
@@ -36,43 +140,29 @@ class TensorRTVision:
         import tensorrt as trt
 
         self.device = device if device.type == "cuda" else torch.device("cuda")
-        # The logger and the runtime must outlive the engine.
-        self.trt_logger = trt.Logger(trt.Logger.WARNING)
-        self.runtime = trt.Runtime(self.trt_logger)
+        # The runtime must outlive the engine (the process's one logger outlives both).
+        self.runtime = trt.Runtime(tensorrt_logger(trt))
         with torch.cuda.device(self.device):
             self.engine = self.runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
             if self.engine is None:
                 raise BackendError(f"{engine_path}: TensorRT could not deserialize the engine (built by another version or GPU?)")
             self.context = self.engine.create_execution_context()
             self.stream = torch.cuda.Stream(self.device)
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        if len(inputs) != 1 or len(outputs) != 1:
-            raise BackendError(f"{engine_path}: expected one input and one output tensor, found {inputs} -> {outputs}")
-        self.input_name, self.output_name = inputs[0], outputs[0]
-        self.input_dtype = _torch_dtype(self.engine.get_tensor_dtype(self.input_name))
-        self.output_dtype = _torch_dtype(self.engine.get_tensor_dtype(self.output_name))
-        _, _, largest = self.engine.get_tensor_profile_shape(self.input_name, 0)
-        self.max_batch = largest[0]
+        self.io = engine_io(trt, self.engine, engine_path)
+        self.max_batch = self.io.max_batch
 
     @torch.inference_mode()
     def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
         with torch.cuda.device(self.device):
-            pixels = pixel_values.to(self.device, self.input_dtype).contiguous()
+            pixels = pixel_values.to(self.device, self.io.input_dtype).contiguous()
             return torch.cat([self._run(chunk) for chunk in pixels.split(self.max_batch)])
 
     def _run(self, pixels: torch.Tensor) -> torch.Tensor:
-        if not self.context.set_input_shape(self.input_name, tuple(pixels.shape)):
-            raise BackendError(f"the vision engine takes {self.input_name} of shape [1..{self.max_batch}, 3, S, S] for its "
-                               f"image size S, not {list(pixels.shape)}")
-        embeds = torch.empty(tuple(self.context.get_tensor_shape(self.output_name)), dtype=self.output_dtype, device=self.device)
-        self.context.set_tensor_address(self.input_name, pixels.data_ptr())
-        self.context.set_tensor_address(self.output_name, embeds.data_ptr())
+        shape = set_batch_shape(self.context, self.io, tuple(pixels.shape))
+        embeds = torch.empty(shape, dtype=self.io.output_dtype, device=self.device)
         # The engine runs on its own stream after the work that produced `pixels`; callers see `embeds` once it is done.
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        if not self.context.execute_async_v3(self.stream.cuda_stream):
-            raise BackendError("TensorRT failed to enqueue the vision engine")
+        enqueue(self.context, self.io, pixels.data_ptr(), embeds.data_ptr(), self.stream.cuda_stream)
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
         # Neither buffer may be reused by torch's allocator before the engine's stream is done with it.
         pixels.record_stream(self.stream)
@@ -80,9 +170,7 @@ class TensorRTVision:
         return embeds
 
 
-def _torch_dtype(trt_dtype: object) -> torch.dtype:
-    import tensorrt as trt
-
+def _torch_dtype(trt: ModuleType, trt_dtype: object) -> torch.dtype:
     mapping = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32, trt.int8: torch.int8}
     if trt_dtype not in mapping:
         raise BackendError(f"unsupported engine tensor type {trt_dtype}")
