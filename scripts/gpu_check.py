@@ -163,7 +163,7 @@ def versions(check: Check) -> dict[str, Any]:
     try:
         import tensorrt
 
-        from mobilevlm_ros.runtime.tensorrt import describe_precisions, tensorrt_unavailable_reason
+        from mobilevlm_ros.tensorrt_support import describe_precisions, tensorrt_unavailable_reason
 
         info["tensorrt"] = {"version": tensorrt.__version__, "builds": describe_precisions(tensorrt),
                             "runs_here": tensorrt_unavailable_reason() or "yes"}
@@ -363,7 +363,7 @@ def _count_ops(path: Path, op_type: str) -> int:
 def tensorrt_engines(check: Check) -> dict[str, Any]:
     import torch
 
-    from mobilevlm_ros.runtime.tensorrt import tensorrt_unavailable_reason
+    from mobilevlm_ros.tensorrt_support import tensorrt_unavailable_reason
 
     if reason := tensorrt_unavailable_reason():
         raise Skip(reason)

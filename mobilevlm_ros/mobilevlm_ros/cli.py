@@ -63,7 +63,7 @@ def _build(args: argparse.Namespace) -> int:
             artifacts.append(onnx_artifact(model.vision_path, Path(args.model), engines, build=True, precision=precision))
         else:
             from mobilevlm_ros.export.tensorrt import calibration_batches, engine_artifact
-            from mobilevlm_ros.runtime.tensorrt import tensorrt_unavailable_reason
+            from mobilevlm_ros.tensorrt_support import tensorrt_unavailable_reason
 
             if precision == "int8" and not args.calibration_dir:
                 raise ConfigError("a TensorRT int8 engine needs --calibration-dir DIR (sample camera images)")

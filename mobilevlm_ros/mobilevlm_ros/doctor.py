@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from mobilevlm_ros.cpu import cpu_info
-from mobilevlm_ros.runtime.tensorrt import describe_precisions, tensorrt_unavailable_reason
+from mobilevlm_ros.tensorrt_support import describe_precisions, tensorrt_unavailable_reason
 
 
 @dataclass(frozen=True)

@@ -89,7 +89,7 @@ def test_build_the_vision_graph_then_ask_with_onnxruntime(make_checkpoint, image
 
 
 def test_tensorrt_build_explains_why_it_cannot_run(make_checkpoint, tmp_path):
-    from mobilevlm_ros.runtime.tensorrt import tensorrt_unavailable_reason
+    from mobilevlm_ros.tensorrt_support import tensorrt_unavailable_reason
 
     if tensorrt_unavailable_reason() is None:
         pytest.skip("TensorRT can run here; the engine itself is tested in test_onnx.py")

@@ -16,16 +16,14 @@ import pytest
 import torch
 
 from fake_tensorrt import API, FakeTensorRT
-from mobilevlm_ros.errors import ArtifactError
+from mobilevlm_ros.errors import ArtifactError, BackendError
 from mobilevlm_ros.export import tensorrt as export_trt
 from mobilevlm_ros.export.tensorrt import (
     build_engine, build_plan, engine_covering, engine_key, timing_cache_path, write_atomically,
 )
-from mobilevlm_ros.runtime import tensorrt as runtime_trt
-from mobilevlm_ros.runtime.tensorrt import (
-    describe_precisions, engine_io, enqueue, precision_support, set_batch_shape, tensorrt_logger,
-    tensorrt_unavailable_reason,
-)
+from mobilevlm_ros import tensorrt_support
+from mobilevlm_ros.runtime.tensorrt import EngineIO, engine_io, enqueue, set_batch_shape
+from mobilevlm_ros.tensorrt_support import describe_precisions, precision_support, tensorrt_logger, tensorrt_unavailable_reason
 
 VERSIONS = sorted(API, key=lambda label: tuple(map(int, label.split("."))))
 STRONGLY_TYPED = [label for label in VERSIONS if int(label.split(".")[0]) >= 11]
@@ -38,7 +36,7 @@ def fake(request, monkeypatch) -> FakeTensorRT:
     """`import tensorrt` answers with the stand-in for the release named by the test's `label` parameter."""
     module = FakeTensorRT(request.param if hasattr(request, "param") else "11.1")
     monkeypatch.setitem(sys.modules, "tensorrt", module)
-    monkeypatch.setattr(runtime_trt, "_trt_logger", None)  # one Logger per process: this test's process is the fake's
+    monkeypatch.setattr(tensorrt_support, "_trt_logger", None)  # one Logger per process: this test's process is the fake's
     return module
 
 
@@ -147,13 +145,13 @@ def test_runtime_helpers_use_only_the_name_based_api(fake):
     runtime = fake.Runtime(tensorrt_logger(fake))
     engine = runtime.deserialize_cuda_engine(b"serialized engine")
     io = engine_io(fake, engine)
-    assert io == runtime_trt.EngineIO("pixel_values", "image_embeds", torch.float32, torch.float32, 4)
+    assert io == EngineIO("pixel_values", "image_embeds", torch.float32, torch.float32, 4)
     context = engine.create_execution_context()
     assert set_batch_shape(context, io, (3, 3, 336, 336)) == (3, 144, 2048)
     enqueue(context, io, 1000, 2000, 7)
     assert fake.called("IExecutionContext.set_tensor_address") == [("pixel_values", 1000), ("image_embeds", 2000)]
     assert fake.called("IExecutionContext.execute_async_v3") == [(7,)]
-    with pytest.raises(runtime_trt.BackendError, match=r"takes pixel_values of shape \[1\.\.4, 3, S, S\]"):
+    with pytest.raises(BackendError, match=r"takes pixel_values of shape \[1\.\.4, 3, S, S\]"):
         set_batch_shape(context, io, (5, 3, 336, 336))
 
 

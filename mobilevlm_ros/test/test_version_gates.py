@@ -18,7 +18,7 @@ from mobilevlm_ros import doctor
 from mobilevlm_ros.errors import ConfigError
 from mobilevlm_ros.export.onnx import export_onnx, torchscript_exporter
 from mobilevlm_ros.model.checkpoint import load_checkpoint
-from mobilevlm_ros.runtime import tensorrt as runtime_trt
+from mobilevlm_ros import tensorrt_support
 from mobilevlm_ros.runtime.language import TorchLanguageModel, int8_unavailable_reason
 from mobilevlm_ros.runtime.vision import OnnxRuntimeVision, TorchVision
 
@@ -31,7 +31,7 @@ SETUP = Path(__file__).resolve().parents[1] / "setup.py"
 ])
 def test_doctor_reads_the_bindings_version_and_says_what_they_build(monkeypatch, label, version, builds):
     monkeypatch.setitem(sys.modules, "tensorrt", FakeTensorRT(label, version=version))
-    monkeypatch.setattr(runtime_trt, "_trt_logger", None)
+    monkeypatch.setattr(tensorrt_support, "_trt_logger", None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     check = doctor._tensorrt_check("NVIDIA Orin (sm_87)")
     assert check.usable and check.detail.startswith(f"{version}; {builds}") and check.detail.endswith("; NVIDIA Orin (sm_87)")

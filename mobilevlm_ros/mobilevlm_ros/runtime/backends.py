@@ -57,7 +57,8 @@ def load_vision(
         return OnnxRuntimeVision(graph, device)
     if name == "tensorrt":
         from mobilevlm_ros.export.tensorrt import engine_artifact
-        from mobilevlm_ros.runtime.tensorrt import TensorRTVision, tensorrt_unavailable_reason
+        from mobilevlm_ros.runtime.tensorrt import TensorRTVision
+        from mobilevlm_ros.tensorrt_support import tensorrt_unavailable_reason
 
         if reason := tensorrt_unavailable_reason():
             raise ConfigError(f"vision backend tensorrt cannot run here: {reason}")
