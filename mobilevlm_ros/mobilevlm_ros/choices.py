@@ -22,6 +22,8 @@ PRECISIONS = ("fp16", "fp32", "int8")
 
 # GGUF file types of the llama.cpp language backend: Q4_K_S is the MobileVLM paper's deployment.
 QUANTS = ("q4_k_s", "q4_k_m", "q8_0", "f16", "f32")
+# GGUF file types of the mmproj (vision tower + projector for llama.cpp's mtmd).
+MMPROJ_TYPES = ("f16", "f32")
 
 # How a frame is shown to the model: the whole frame at the tower's resolution (upstream); that overview and the
 # tiles of the frame in one prompt; each tile asked on its own; a region of interest at full resolution.
