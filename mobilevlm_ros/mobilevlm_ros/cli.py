@@ -179,8 +179,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_precision_argument(parser: argparse.ArgumentParser, flag: str) -> None:
     parser.add_argument(flag, default=AUTO, choices=(AUTO, *PRECISIONS),
-                        help="vision precision: auto (default) = TensorRT fp16, onnxruntime fp32; TensorRT also fp32 and int8, "
-                             "onnxruntime int8; torch runs the model's dtype")
+                        help="vision precision: auto (default) = TensorRT fp16, onnxruntime fp32, ggml fp16; TensorRT also fp32 and "
+                             "int8, onnxruntime int8, ggml fp32; torch runs the model's dtype")
 
 
 def _add_llama_amx_argument(parser: argparse.ArgumentParser) -> None:

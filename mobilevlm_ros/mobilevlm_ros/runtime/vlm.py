@@ -65,6 +65,13 @@ def vision_backend(
         engine = engine_artifact(model, model_dir, precision, engines, build).path
         drop_torch_vision(model)
         return TensorRTVision(engine, device)
+    if name == "ggml":
+        from mobilevlm_ros.export.mmproj import mmproj_artifact
+        from mobilevlm_ros.runtime.ggml_vision import GgmlVision
+
+        mmproj = mmproj_artifact(model_dir, choices.GGML_MMPROJ_TYPES[precision], engines, build, model=model).path
+        drop_torch_vision(model)
+        return GgmlVision(mmproj)
     raise AssertionError(f"vision backend {name!r} is in choices.VISION_BACKENDS but not built here")
 
 
@@ -115,8 +122,9 @@ class MobileVLM:
         its AMX matmul crashes on some Intel CPUs that have it (runtime/llamacpp.py; CPU repacking stays on).
         `vision="onnxruntime"` runs the exported vision graph (`vision_precision` fp32, the default, or int8),
         `vision="tensorrt"` an engine built for this GPU (fp16, the default, fp32 or int8; int8 engines are built
-        beforehand by `mobilevlm build --calibration-dir`); both come from the same artifact cache and replace the
-        torch tower and projector, which are then freed. A precision the backend cannot run is a ConfigError
+        beforehand by `mobilevlm build --calibration-dir`), `vision="ggml"` llama.cpp's own image encoder (mtmd) on an
+        mmproj GGUF (fp16, the default, or fp32; runtime/ggml_vision.py); they come from the same artifact cache and
+        replace the torch tower and projector, which are then freed. A precision the backend cannot run is a ConfigError
         (choices.py holds the table). `int8` quantizes the torch LLM's weights.
         """
         check_choice("language backend", language, LANGUAGE_BACKENDS)
