@@ -167,9 +167,8 @@ def write_mmproj(
 ) -> dict[str, Any]:
     """Write the model's vision tower and projector as an mmproj GGUF (`file_type` f16 or f32).
 
-    `cls_layout` (the class-token order of the pinned clip, see the module docstring): "llama.cpp" writes the tensors
-    as llama.cpp's converter would (the graph's order left as it is); "positions" reorders the position embeddings
-    so each token gets its own; "dropped" leaves the class token out. Returns what the manifest records."""
+    `cls_layout` (the class-token order of the pinned clip, see the module docstring): "dropped" (the default) leaves
+    the class token out, "kept" writes it as llama.cpp's converter does. Returns what the manifest records."""
     check_choice("mmproj type", file_type, MMPROJ_TYPES)
     check_choice("class-token layout", cls_layout, CLS_LAYOUTS)
     projector_type = clip_projector_type(config)
