@@ -7,21 +7,26 @@ the node's parameter declarations read it without loading torch or any backend.
 
 from mobilevlm_ros.errors import ConfigError
 
-VISION_BACKENDS = ("torch", "onnxruntime", "tensorrt")
+VISION_BACKENDS = ("torch", "onnxruntime", "tensorrt", "ggml")
 LANGUAGE_BACKENDS = ("torch", "llamacpp")
 
 # What each vision backend can run, its default first. torch runs in the model's dtype (`dtype`), so "auto" only;
-# ONNX Runtime on a CPU has no fast fp16 kernels, so its graphs are fp32 or int8; TensorRT builds all three.
+# ONNX Runtime on a CPU has no fast fp16 kernels, so its graphs are fp32 or int8; TensorRT builds all three; ggml
+# (llama.cpp's mtmd) runs an f16 or f32 mmproj GGUF.
 AUTO = "auto"
 VISION_PRECISIONS: dict[str, tuple[str, ...]] = {
     "torch": (),
     "onnxruntime": ("fp32", "int8"),
     "tensorrt": ("fp16", "fp32", "int8"),
+    "ggml": ("fp16", "fp32"),
 }
 PRECISIONS = ("fp16", "fp32", "int8")
 
 # GGUF file types of the llama.cpp language backend: Q4_K_S is the MobileVLM paper's deployment.
 QUANTS = ("q4_k_s", "q4_k_m", "q8_0", "f16", "f32")
+# GGUF file types of the mmproj (vision tower + projector for llama.cpp's mtmd), and the one each ggml precision runs.
+MMPROJ_TYPES = ("f16", "f32")
+GGML_MMPROJ_TYPES = {"fp16": "f16", "fp32": "f32"}
 
 # How a frame is shown to the model: the whole frame at the tower's resolution (upstream); that overview and the
 # tiles of the frame in one prompt; each tile asked on its own; a region of interest at full resolution.

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from mobilevlm_ros.demo.recipe import Recipe
 from mobilevlm_ros.errors import ConfigError, MobileVLMError, PromptError
 from mobilevlm_ros.choices import (
-    AMX_SETTINGS, AUTO, IMAGE_MODES, LANGUAGE_BACKENDS, PRECISIONS, QUANTS, VISION_BACKENDS, vision_precision,
+    AMX_SETTINGS, AUTO, IMAGE_MODES, LANGUAGE_BACKENDS, MMPROJ_TYPES, PRECISIONS, QUANTS, VISION_BACKENDS, vision_precision,
 )
 
 if TYPE_CHECKING:
@@ -39,13 +39,17 @@ def _ask(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    if not (args.llm or args.vision):
-        raise PromptError("nothing to build: give --llm gguf and/or --vision onnx|tensorrt")
+    if not (args.llm or args.vision or args.mmproj):
+        raise PromptError("nothing to build: give --llm gguf, --vision onnx|tensorrt and/or --mmproj")
     artifacts = []
     if args.llm:
         from mobilevlm_ros.export.gguf import llm_gguf_artifact
 
         artifacts += [llm_gguf_artifact(args.model, quant, args.engines_dir) for quant in args.quant]
+    if args.mmproj:
+        from mobilevlm_ros.export.mmproj import mmproj_artifact
+
+        artifacts.append(mmproj_artifact(args.model, args.mmproj_type, args.engines_dir))
     if args.vision:
         from pathlib import Path
 
@@ -177,8 +181,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_precision_argument(parser: argparse.ArgumentParser, flag: str) -> None:
     parser.add_argument(flag, default=AUTO, choices=(AUTO, *PRECISIONS),
-                        help="vision precision: auto (default) = TensorRT fp16, onnxruntime fp32; TensorRT also fp32 and int8, "
-                             "onnxruntime int8; torch runs the model's dtype")
+                        help="vision precision: auto (default) = TensorRT fp16, onnxruntime fp32, ggml fp16; TensorRT also fp32 and "
+                             "int8, onnxruntime int8, ggml fp32; torch runs the model's dtype")
 
 
 def _add_llama_amx_argument(parser: argparse.ArgumentParser) -> None:
@@ -244,10 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
             train.add_argument(f"--{knob.name.replace('_', '-')}", type=type(knob.default), default=knob.default, help=f"(default {knob.default})")
     train.set_defaults(run=_train)
 
-    build = commands.add_parser("build", help="build artifacts (LLM as GGUF, vision as ONNX / TensorRT engine) into the engines directory")
+    build = commands.add_parser("build", help="build artifacts (LLM as GGUF, vision as ONNX / TensorRT engine / mmproj GGUF) into the engines directory")
     build.add_argument("--model", required=True, help="MobileVLM checkpoint directory")
     build.add_argument("--llm", choices=["gguf"], help="what to build for the language model")
     build.add_argument("--vision", choices=list(VISION_ARTIFACTS), help="what to build for the vision tower + projector")
+    build.add_argument("--mmproj", action="store_true",
+                       help="also write the vision tower + projector as an mmproj GGUF for llama.cpp's mtmd (the ggml vision backend)")
+    build.add_argument("--mmproj-type", default="f16", choices=MMPROJ_TYPES, help="mmproj tensor type (default f16)")
     _add_precision_argument(build, "--precision")
     build.add_argument("--calibration-dir", default=None, help="TensorRT int8: a directory of sample images (jpg, png) to calibrate on")
     build.add_argument("--max-batch", type=int, default=8, help="TensorRT profile: largest batch of tiles (default 8)")

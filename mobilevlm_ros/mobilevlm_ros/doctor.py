@@ -84,6 +84,8 @@ def checks() -> list[Check]:
         if used != extra_buffer_types().names:
             buffers += f" ({AMX_BUFFER_TYPE} left out by default on this CPU: --llama-amx on to use it)"
         results.append(Check("llamacpp (language)", True, f"llama-cpp-python {llama_cpp.__version__}; {offload}; {buffers}"))
+        mtmd = _importable("llama_cpp.mtmd_cpp")
+        results.append(Check("ggml (vision)", mtmd is None, mtmd or f"llama.cpp's mtmd (libmtmd); {offload}; no extra CPU buffer types (the AMX setting does not apply)"))
 
     ros = _importable("rclpy") or _importable("mobilevlm_interfaces.srv")
     distro = os.environ.get("ROS_DISTRO", "ROS 2 from PyPI wheels")

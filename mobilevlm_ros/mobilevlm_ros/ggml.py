@@ -27,6 +27,7 @@ _LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}
 _log_state: dict = {"pending": "", "level": logging.DEBUG, "capture": None}
 _init_lock = threading.Lock()
 _initialized = False
+_mtmd_initialized = False
 _load_lock = threading.Lock()  # a model loads with the CPU buffer types chosen for it, not another thread's
 _MODEL_BUFFER = re.compile(r"^\S+:\s+(\S+) model buffer size =\s+([\d.]+) MiB")
 
@@ -57,6 +58,19 @@ def init_llama_cpp() -> None:
             llama_cpp.llama_log_set(_route_log, ctypes.c_void_p(0))
             llama_cpp.llama_backend_init()
             _initialized = True
+
+
+def init_mtmd() -> None:
+    """`init_llama_cpp`, and the log of libmtmd (llama.cpp's image encoder: clip and mtmd), which has a hook of its
+    own, routed the same way (once per process)."""
+    global _mtmd_initialized
+    init_llama_cpp()
+    with _init_lock:
+        if not _mtmd_initialized:
+            from llama_cpp import mtmd_cpp  # loads libmtmd: only for the ggml vision backend
+
+            mtmd_cpp.mtmd_log_set(_route_log, ctypes.c_void_p(0))
+            _mtmd_initialized = True
 
 
 def amx_allowed(cpu_flags: Collection[str], amx: bool | None = None) -> bool:

@@ -17,11 +17,11 @@ REFUSED = "vision backend onnxruntime runs fp32 or int8, not 'fp16'"
 
 
 def test_auto_is_each_backends_first_precision():
-    assert [vision_precision(backend) for backend in VISION_PRECISIONS] == [None, "fp32", "fp16"]
+    assert [vision_precision(backend) for backend in VISION_PRECISIONS] == [None, "fp32", "fp16", "fp16"]
     assert vision_precision("onnxruntime", "int8") == "int8" and vision_precision("tensorrt", "fp32") == "fp32"
     with pytest.raises(ConfigError, match="vision backend torch runs in the model's dtype"):
         vision_precision("torch", "fp16")
-    with pytest.raises(ConfigError, match=r"unknown vision backend 'openvino' \(expected torch, onnxruntime, tensorrt\)"):
+    with pytest.raises(ConfigError, match=r"unknown vision backend 'openvino' \(expected torch, onnxruntime, tensorrt, ggml\)"):
         vision_precision("openvino")
 
 

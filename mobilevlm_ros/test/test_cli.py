@@ -68,7 +68,7 @@ def test_bad_input_exits_nonzero_with_a_one_line_reason(copy_checkpoint, image_f
 def test_doctor_lists_every_backend():
     result = run("doctor")
     assert result.returncode == 0, result.stderr
-    for component in ("torch", "onnxruntime (vision)", "tensorrt (vision)", "llamacpp (language)", "ROS 2 node"):
+    for component in ("torch", "onnxruntime (vision)", "tensorrt (vision)", "llamacpp (language)", "ggml (vision)", "ROS 2 node"):
         assert f"| {component}" in result.stdout
     assert f"| cpu | yes | {cpu_info().describe()} |" in result.stdout
     assert f"CPU weight buffers {', '.join(offered_buffer_types())}" in result.stdout

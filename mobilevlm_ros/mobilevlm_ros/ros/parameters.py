@@ -39,10 +39,10 @@ class Spec:
 
 SPECS = (
     Spec("model_path", "", "MobileVLM checkpoint directory (config.json, weights, tokenizer); empty = the shipped demo model."),
-    Spec("vision_backend", "torch", "Vision tower + projector runtime (onnxruntime and tensorrt build their artifact on first use).",
-         choices=VISION_BACKENDS),
-    Spec("vision_precision", AUTO, "Precision of the vision backend: auto = TensorRT fp16, onnxruntime fp32; TensorRT also "
-         "fp32 and int8, onnxruntime int8; torch runs the model's dtype (auto only).", choices=(AUTO, *PRECISIONS)),
+    Spec("vision_backend", "torch", "Vision tower + projector runtime (onnxruntime, tensorrt and ggml build their artifact on "
+         "first use; ggml is llama.cpp's own image encoder, mtmd).", choices=VISION_BACKENDS),
+    Spec("vision_precision", AUTO, "Precision of the vision backend: auto = TensorRT fp16, onnxruntime fp32, ggml fp16; TensorRT "
+         "also fp32 and int8, onnxruntime int8, ggml fp32; torch runs the model's dtype (auto only).", choices=(AUTO, *PRECISIONS)),
     Spec("language_backend", "torch", "Language model runtime.", choices=LANGUAGE_BACKENDS),
     Spec("quant", "q4_k_s", "GGUF quantization for the llamacpp backend.", choices=QUANTS),
     Spec("llama_amx", "auto", "llama.cpp's AMX weight buffers: auto uses them only on CPUs without AMX (its AMX matmul crashes "

@@ -80,8 +80,10 @@ class MobileVLM:
         its AMX matmul crashes on some Intel CPUs that have it (ggml.py; CPU repacking stays on).
         `vision="onnxruntime"` runs the exported vision graph (`vision_precision` fp32, the default, or int8),
         `vision="tensorrt"` an engine built for this GPU (fp16, the default, fp32 or int8; int8 engines are built
-        beforehand by `mobilevlm build --calibration-dir`); both come from the same artifact cache and replace the
-        torch tower and projector, which are then freed. A precision the backend cannot run is a ConfigError
+        beforehand by `mobilevlm build --calibration-dir`), `vision="ggml"` llama.cpp's own image encoder (mtmd) on an
+        mmproj GGUF (fp16, the default, or fp32; runtime/ggml_vision.py; on the GPU when llama.cpp was built with one,
+        like the llamacpp language backend, whatever `device` says); they come from the same artifact cache and
+        replace the torch tower and projector, which are then freed. A precision the backend cannot run is a ConfigError
         (choices.py holds the table). `int8` quantizes the torch LLM's weights.
         """
         check_choice("language backend", language, LANGUAGE_BACKENDS)
