@@ -84,8 +84,16 @@ $(INSTALL_STAMP): $(VENV_STAMP) mobilevlm_ros/setup.py mobilevlm_ros/setup.cfg m
 # The full suite on Kilted's rclpy, then the ROS-facing tests on Jazzy's.
 test: test-kilted test-jazzy
 
-test-kilted: venv interfaces launch-interfaces install
+test-kilted: venv interfaces launch-interfaces install floors
 	$(PY) -m pytest mobilevlm_ros/test $(PYTEST_ARGS)
+
+# The oldest Pillow the package allows (setup.py), beside the venv's own: test_floors.py runs the image tests on it.
+.PHONY: floors
+floors: $(VENV)/floors/.pillow.stamp
+$(VENV)/floors/.pillow.stamp: $(VENV_STAMP)
+	rm -rf $(VENV)/floors/pillow
+	$(PIP) install --no-input --no-deps --only-binary=:all: --target $(VENV)/floors/pillow pillow==9.2.0
+	touch $@
 
 # Jazzy's rclpy family and what the ROS-facing tests import (no llama.cpp: requirements-jazzy.txt says why), the
 # interfaces built against it: the node, interfaces, launch (Jazzy's launch only) and reliability's node tests.
@@ -107,7 +115,7 @@ demo: venv interfaces install
 
 clean:
 	rm -rf build
-	rm -f .venv*/.*.stamp
+	rm -f .venv*/.*.stamp .venv*/floors/.*.stamp
 
 distclean: clean
 	rm -rf .venv .venv-jazzy

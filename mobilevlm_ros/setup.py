@@ -23,15 +23,23 @@ setup(
         (f"share/{PACKAGE}/launch", glob("launch/*.launch.py")),
         (f"share/{PACKAGE}/config", sorted(glob("config/*.yaml") + glob("config/*.xml"))),
     ],
+    # Floors (README "Floors": how each is checked). Python 3.10: Humble / JetPack 6 (test_floors.py compiles every
+    # source with a Python 3.10 where one is installed).
     python_requires=">=3.10",
     # Unpinned on purpose: the pins live in the repository's requirements.txt. rclpy and the message
     # packages come from ROS (or the ros-* wheels), not from this list. torch is a lower bound only,
     # so an installed build (CPU, CUDA, JetPack) satisfies it and pip never swaps it.
     install_requires=[
         "numpy",
-        "pillow",
+        # 9.1 adds Image.Resampling, which transformers 5 imports whenever Pillow is installed: Ubuntu 22.04's
+        # python3-pil 9.0.1 cannot load transformers 5 at all. test_floors.py runs the image tests on 9.2.0, the
+        # oldest with a Python 3.11 wheel (the library's own code keeps to what 9.0.1 also has).
+        "pillow>=9.1",
         "opencv-python-headless",
-        "torch>=2.1",
+        # transformers 5 disables (refuses to use) older torch: 5.0 needs torch >= 2.2, 5.1-5.15 >= 2.4,
+        # 5.16-5.19 >= 2.5, 5.20 and later >= 2.6 (each release's own check). JetPack 6's torch 2.3-2.5 therefore
+        # limits transformers there (README "Floors"); the pins tested here are torch 2.13 and transformers 5.23.
+        "torch>=2.2",
         "transformers>=5",
         "safetensors",
         "sentencepiece",
