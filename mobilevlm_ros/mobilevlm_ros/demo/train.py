@@ -44,7 +44,7 @@ from mobilevlm_ros.demo.world import (
 from mobilevlm_ros.model.checkpoint import is_vision_key
 from mobilevlm_ros.model.config import parse_config
 from mobilevlm_ros.model.mobilevlm import MobileLlamaForCausalLM
-from mobilevlm_ros.model.preprocess import ImageProcessor, expand_to_square
+from mobilevlm_ros.model.preprocess import RESAMPLING, ImageProcessor, expand_to_square
 from mobilevlm_ros.model.prompt import SYSTEM_PROMPT, SentencePieceTokenizer, answer_ids, prefix_ids, question_ids
 from mobilevlm_ros.model.writer import LLAMA, checkpoint_config, write_checkpoint, write_preprocessor_config, write_tokenizer
 from mobilevlm_ros.runtime.navigation import NAVIGATION_ACTIONS, NAVIGATION_PROMPT
@@ -164,7 +164,7 @@ def patch_labels(scene: Scene, processor: ImageProcessor, patch_size: int, cell:
         draw_shape(draw, shape, index)
     if processor.pad_to_square:
         mask = expand_to_square(mask, 0)
-    mask = np.asarray(mask.resize((processor.crop_size, processor.crop_size), Image.Resampling.NEAREST))
+    mask = np.asarray(mask.resize((processor.crop_size, processor.crop_size), RESAMPLING.NEAREST))
     size, grid = patch_size * cell, processor.crop_size // (patch_size * cell)
     cells = mask.reshape(grid, size, grid, size).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
     counts = np.stack([(cells == index).sum(axis=1) for index in range(len(scene.shapes) + 1)], axis=1)

@@ -23,6 +23,10 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PREPROCESSOR_FILE = "preprocessor_config.json"
 
+# Resampling filters: Image.Resampling is Pillow >= 9.1; older Pillows (Ubuntu 22.04's 9.0.1) have the same values as
+# module constants, which 9.1-9.3 deprecate. This works on both, without the warning.
+RESAMPLING = getattr(Image, "Resampling", Image)
+
 
 @dataclass(frozen=True)
 class ImageProcessor:
@@ -125,7 +129,7 @@ def resize_shortest_edge(image: Image.Image, size: int) -> Image.Image:
         new_size = (int(size * width / height), size)
     if new_size == image.size:
         return image
-    return image.resize(new_size, Image.Resampling.BICUBIC)
+    return image.resize(new_size, RESAMPLING.BICUBIC)
 
 
 def center_crop(image: Image.Image, size: int) -> Image.Image:
