@@ -29,17 +29,25 @@ from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import qos_profile_sensor_data
+from rcl_interfaces.msg import SetParametersResult
+from rcl_interfaces.srv import SetParameters
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 
 from mobilevlm_interfaces.action import Ask
 from mobilevlm_interfaces.msg import Answer
 from mobilevlm_interfaces.srv import NavigationInstruction, VisualQuery
-from mobilevlm_ros.ros.node import MobileVLMNode
+from mobilevlm_ros.ros.node import REQUEST_QOS, MobileVLMNode
+from mobilevlm_ros.ros.parameters import SPECS
 from mobilevlm_ros.runtime.vlm import MobileVLM
 
 TIMEOUT_S = 30.0
 FRAME = np.random.default_rng(11).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+DEFAULTS = {spec.name: spec.default for spec in SPECS}
+# Every client of a service reads every response to the service (rmw_fastrtps takes them all and keeps its own), so
+# under load the responses to other clients can push a client's own out of a default KEEP_LAST(10) history: the
+# clients keep them all, as the node keeps all requests.
+CLIENT_QOS = REQUEST_QOS
 
 
 def encode(rgb: np.ndarray, encoding: str, stamp: Time, pad: int = 0) -> Image:
@@ -80,8 +88,9 @@ class Harness:
         self.client_executor = SingleThreadedExecutor(context=context)
         self.client_executor.add_node(self.client)
         self.camera = self.client.create_publisher(Image, f"{self.ns}/image", qos_profile_sensor_data)
-        self.vqa = self.client.create_client(VisualQuery, f"{self.ns}/mobilevlm_node/vqa")
-        self.navigate = self.client.create_client(NavigationInstruction, f"{self.ns}/mobilevlm_node/navigate")
+        self.vqa = self.client.create_client(VisualQuery, f"{self.ns}/mobilevlm_node/vqa", qos_profile=CLIENT_QOS)
+        self.navigate = self.client.create_client(NavigationInstruction, f"{self.ns}/mobilevlm_node/navigate", qos_profile=CLIENT_QOS)
+        self.set_parameters = self.client.create_client(SetParameters, f"{self.ns}/mobilevlm_node/set_parameters")
 
     def close(self) -> None:
         self.node.on_shutdown(None)
@@ -101,6 +110,12 @@ class Harness:
         future = client.call_async(request)
         self.spin_until(future.done, f"{client.srv_name} response")
         return future.result()
+
+    def set_parameter(self, name: str, value: Any) -> SetParametersResult:
+        """Set one of the node's parameters through its set_parameters service, as `ros2 param set` does."""
+        request = SetParameters.Request(parameters=[Parameter(name, value=value).to_parameter_msg()])
+        [result] = self.call(self.set_parameters, request).results
+        return result
 
     def publish_frame(self, msg: Image, publisher: Any = None, camera: str = "camera") -> None:
         """Publish until the node has stored this very message as the camera's latest frame."""
@@ -400,11 +415,47 @@ def test_diagnostics_report_cameras_queue_and_latency(harness):
 
 
 def test_declared_parameters_have_descriptions(harness):
-    from mobilevlm_ros.ros.parameters import SPECS
-
     for spec in SPECS:
         assert harness.node.describe_parameter(spec.name).description.startswith(spec.description)
         assert harness.node.get_parameter(spec.name).value is not None
+
+
+def test_parameters_that_change_at_once_are_used_by_the_next_request(harness):
+    old = encode(FRAME, "rgb8", stamp(1600))  # stamped 1970: older than any limit
+    harness.publish_frame(old)
+    try:
+        assert harness.set_parameter("max_frame_age_s", 1.0).successful
+        response = harness.call(harness.vqa, VisualQuery.Request(question="Hi?"))
+        assert not response.success and "(max_frame_age_s is 1)" in response.error
+        assert harness.set_parameter("temperature", 0.5).successful
+        assert harness.node.params.temperature == 0.5
+    finally:
+        assert harness.set_parameter("max_frame_age_s", 0.0).successful
+        assert harness.set_parameter("temperature", DEFAULTS["temperature"]).successful
+    assert harness.call(harness.vqa, VisualQuery.Request(question="Hi?")).success
+
+
+def test_configure_time_parameters_are_refused_while_configured(harness):
+    refused = harness.set_parameter("max_queue", 16)
+    assert (refused.successful, refused.reason) == (False, "parameter max_queue is read at configure: set it while the node is unconfigured")
+    assert harness.node.get_parameter("max_queue").value == harness.node.params.max_queue == DEFAULTS["max_queue"]
+    assert harness.set_parameter("max_queue", DEFAULTS["max_queue"]).successful  # the value it has: a params file loaded again
+    assert not harness.set_parameter("temperature", 5.0).successful  # rclpy's range check
+    assert "read-only" in harness.set_parameter("autostart", False).reason
+
+
+def test_parameters_set_before_configure_are_checked_by_the_configure_rules(ros_context, checkpoint):
+    h = Harness(ros_context, node_parameters(checkpoint), "unconfigured")
+    try:
+        refused = h.set_parameter("image_mode", "crop")
+        assert (refused.successful, refused.reason) == (False, "parameter image_mode: 'crop' is not one of overview, tiles, per_tile")
+        assert not h.set_parameter("cameras", ["front", "front"]).successful
+        assert h.set_parameter("cameras", ["front", "rear", "top"]).successful  # its topics may follow: checked at configure
+        assert h.node.params.cameras == ["front", "rear", "top"]
+        assert h.node.trigger_configure() == TransitionCallbackReturn.FAILURE
+        assert h.node.configure_error == "parameter camera_topics: 2 entries for 3 cameras"
+    finally:
+        h.close()
 
 
 def start_node_process(checkpoint: Path, namespace: str, log_path: Path, **parameters: Any) -> subprocess.Popen:
@@ -434,8 +485,8 @@ class ProcessClient:
         self.executor = SingleThreadedExecutor(context=context)
         self.executor.add_node(self.node)
         self.camera = self.node.create_publisher(Image, f"/{namespace}/image", qos_profile_sensor_data)
-        self.vqa = self.node.create_client(VisualQuery, f"/{namespace}/mobilevlm_node/vqa")
-        self.navigate = self.node.create_client(NavigationInstruction, f"/{namespace}/mobilevlm_node/navigate")
+        self.vqa = self.node.create_client(VisualQuery, f"/{namespace}/mobilevlm_node/vqa", qos_profile=CLIENT_QOS)
+        self.navigate = self.node.create_client(NavigationInstruction, f"/{namespace}/mobilevlm_node/navigate", qos_profile=CLIENT_QOS)
         self.ask = ActionClient(self.node, Ask, f"/{namespace}/mobilevlm_node/ask")
         self.diagnostics: list[DiagnosticStatus] = []  # this node's statuses on /diagnostics, oldest first
         self.node.create_subscription(DiagnosticArray, "/diagnostics", lambda msg: self.diagnostics.extend(

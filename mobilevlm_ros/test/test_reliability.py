@@ -19,14 +19,10 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from lifecycle_msgs.msg import State
 from rclpy.lifecycle import TransitionCallbackReturn
 from safetensors.torch import load_file, save_file
-from sensor_msgs.msg import Image
 
 from mobilevlm_interfaces.srv import NavigationInstruction, VisualQuery
 from mobilevlm_ros.ros.diagnostics import error_kind
-from mobilevlm_ros.ros.frames import Frame
-from mobilevlm_ros.ros.worker import InferenceWorker, Request, Result
-from mobilevlm_ros.runtime.sampling import SamplingParams
-from test_node import FRAME, TIMEOUT_S, Harness, ProcessClient, diagnostic_values, encode, node_parameters, start_node_process
+from test_node import FRAME, Harness, ProcessClient, diagnostic_values, encode, node_parameters, start_node_process
 
 pytestmark = pytest.mark.reliability
 
@@ -369,24 +365,3 @@ def test_an_exception_in_inference_fails_that_request_and_the_next_is_answered(r
         assert answered.success, answered.error
     finally:
         h.close()
-
-
-def test_a_failing_result_callback_costs_only_its_response(make_checkpoint):
-    """The worker survives a `done` callback that raises (a response that could not be delivered)."""
-    from mobilevlm_ros.runtime.vlm import MobileVLM
-
-    worker = InferenceWorker(MobileVLM.from_pretrained(make_checkpoint(dtype=torch.float32), device="cpu"), 8, "{instruction} {actions}")
-    frame = Frame("camera", Image(height=4, width=4, encoding="mono8", step=4, data=bytes(16)), 0)
-    answered = threading.Event()
-
-    def undeliverable(result: Result) -> None:
-        raise RuntimeError("the client went away")
-
-    worker.start()
-    try:
-        worker.submit(Request("camera", "Hi?", frame, params=SamplingParams(max_new_tokens=1), done=undeliverable))
-        worker.submit(Request("camera", "Hi?", frame, params=SamplingParams(max_new_tokens=1), done=lambda r: r.success and answered.set()))
-        assert answered.wait(TIMEOUT_S)
-        assert worker.alive
-    finally:
-        worker.stop()
