@@ -82,6 +82,22 @@ def make_checkpoint(tmp_path_factory: pytest.TempPathFactory, tokenizer_model: P
     return make
 
 
+@pytest.fixture(scope="module")
+def checkpoint(make_checkpoint: Callable[..., Path]) -> Path:
+    """The tiny fp32 checkpoint most tests use."""
+    import torch
+
+    return make_checkpoint(dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def vlm(checkpoint: Path) -> Any:
+    """`MobileVLM` on the tiny fp32 checkpoint, on the CPU; one per test module (tests may patch it)."""
+    from mobilevlm_ros.runtime.vlm import MobileVLM
+
+    return MobileVLM.from_pretrained(checkpoint, device="cpu")
+
+
 @pytest.fixture
 def copy_checkpoint(tmp_path: Path, make_checkpoint: Callable[..., Path]) -> Callable[..., Path]:
     """A private copy of a tiny checkpoint that a test may damage."""

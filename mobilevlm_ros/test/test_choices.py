@@ -10,7 +10,7 @@ from rclpy.lifecycle import TransitionCallbackReturn
 from mobilevlm_ros.choices import VISION_PRECISIONS, vision_precision
 from mobilevlm_ros.errors import ConfigError
 from mobilevlm_ros.runtime.vlm import MobileVLM
-from test_node import Harness, node_parameters
+from ros_harness import Harness, node_parameters
 
 MOBILEVLM = Path(sys.executable).parent / "mobilevlm"
 REFUSED = "vision backend onnxruntime runs fp32 or int8, not 'fp16'"
@@ -42,20 +42,14 @@ def test_the_command_line_refuses_the_same_combination(make_checkpoint, command)
 
 def test_the_node_refuses_the_same_combination_at_configure(ros_context, make_checkpoint):
     parameters = node_parameters(make_checkpoint(), vision_backend="onnxruntime", vision_precision="fp16")
-    h = Harness(ros_context, parameters, "refused_precision")
-    try:
+    with Harness(ros_context, parameters, "refused_precision") as h:
         assert h.node.trigger_configure() == TransitionCallbackReturn.FAILURE
         assert REFUSED in h.node.configure_error
-    finally:
-        h.close()
 
 
 def test_the_node_runs_the_int8_vision_graph(ros_context, make_checkpoint, tmp_path):
     """The node takes every precision the table allows: onnxruntime int8 was the CLI's only."""
     parameters = node_parameters(make_checkpoint(), vision_backend="onnxruntime", vision_precision="int8", engines_dir=str(tmp_path))
-    h = Harness(ros_context, parameters, "int8_vision")
-    try:
+    with Harness(ros_context, parameters, "int8_vision") as h:
         assert h.node.trigger_configure() == TransitionCallbackReturn.SUCCESS, h.node.configure_error
         assert h.node.vlm.vision.name == "onnxruntime" and "int8" in h.node.vlm.vision.path.name
-    finally:
-        h.close()

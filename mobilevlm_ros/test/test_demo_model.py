@@ -14,14 +14,13 @@ from collections.abc import Iterator
 
 import pytest
 from builtin_interfaces.msg import Time
-from rclpy.lifecycle import TransitionCallbackReturn
 from sensor_msgs.msg import RegionOfInterest
 
 from mobilevlm_interfaces.srv import NavigationInstruction, VisualQuery
 from mobilevlm_ros.demo import DEMO_CHECKPOINT
 from mobilevlm_ros.demo.world import QUESTION_KINDS, held_out_samples, render, small_object_sample
 from mobilevlm_ros.evaluate import is_correct
-from test_node import Harness, encode
+from ros_harness import Harness, encode
 
 HELD_OUT_SEED = 20261122  # training draws from seeds 0 and 1
 SAMPLES = 100
@@ -32,11 +31,8 @@ SMALL_OBJECT_SAMPLES = 50
 @pytest.fixture(scope="module")
 def harness(ros_context) -> Iterator[Harness]:
     assert (DEMO_CHECKPOINT / "config.json").is_file(), f"no demo checkpoint in {DEMO_CHECKPOINT}: run `mobilevlm train`"
-    h = Harness(ros_context, {"model_path": "", "max_new_tokens": 8, "request_timeout_s": 120.0}, "demo_model")
-    assert h.node.trigger_configure() == TransitionCallbackReturn.SUCCESS, h.node.configure_error
-    assert h.node.trigger_activate() == TransitionCallbackReturn.SUCCESS
-    yield h
-    h.close()
+    with Harness(ros_context, {"model_path": "", "max_new_tokens": 8, "request_timeout_s": 120.0}, "demo_model") as h:
+        yield h.activate()
 
 
 @pytest.mark.parametrize("kind", QUESTION_KINDS + ("navigation",))

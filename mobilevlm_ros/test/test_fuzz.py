@@ -8,6 +8,7 @@ of cases tried per path is reported as a figure. Case counts come from the hypot
 
 import collections
 import itertools
+from collections.abc import Iterator
 from typing import Any
 
 import cv2
@@ -18,7 +19,6 @@ from builtin_interfaces.msg import Time
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from rclpy.action import ActionClient
-from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
@@ -29,7 +29,7 @@ from mobilevlm_interfaces.srv import NavigationInstruction, VisualQuery
 from mobilevlm_ros.errors import ImageError
 from mobilevlm_ros.ros.diagnostics import error_kind
 from mobilevlm_ros.ros.image_conversion import MAX_PIXELS, MAX_SIDE, compressed_to_rgb, image_to_rgb
-from test_node import FRAME, Harness, encode, node_parameters
+from ros_harness import FRAME, Harness, encode, node_parameters
 
 pytestmark = pytest.mark.reliability
 
@@ -167,21 +167,16 @@ ACTIONS = st.lists(st.sampled_from(["left", "right", "stop", " ", ""]) | st.text
 
 
 @pytest.fixture(scope="module")
-def fuzz_node(ros_context, make_checkpoint) -> Harness:
-    import torch
-
-    parameters = node_parameters(make_checkpoint(dtype=torch.float32), max_new_tokens=2, request_timeout_s=2.0)
-    h = Harness(ros_context, parameters, "fuzz")
-    assert h.node.trigger_configure() == TransitionCallbackReturn.SUCCESS
-    assert h.node.trigger_activate() == TransitionCallbackReturn.SUCCESS
-    h.stamps = itertools.count(1)
-    h.compressed_camera = h.client.create_publisher(CompressedImage, f"{h.ns}/front/image/compressed", qos_profile_sensor_data)
-    # Watching ~/debug_image makes every answered request also draw its frame, question and answer: fuzzed too.
-    h.client.create_subscription(Image, f"{h.ns}/mobilevlm_node/debug_image", lambda msg: None, qos_profile_sensor_data)
-    h.spin_until(lambda: h.node.debug_publisher.get_subscription_count() > 0, "debug image subscription")
-    h.publish_frame(encode(FRAME, "rgb8", Time(sec=next(h.stamps))))
-    yield h
-    h.close()
+def fuzz_node(ros_context, checkpoint) -> Iterator[Harness]:
+    with Harness(ros_context, node_parameters(checkpoint, max_new_tokens=2, request_timeout_s=2.0), "fuzz") as h:
+        h.activate()
+        h.stamps = itertools.count(1)
+        h.compressed_camera = h.client.create_publisher(CompressedImage, f"{h.ns}/front/image/compressed", qos_profile_sensor_data)
+        # Watching ~/debug_image makes every answered request also draw its frame, question and answer: fuzzed too.
+        h.client.create_subscription(Image, h.name("debug_image"), lambda msg: None, qos_profile_sensor_data)
+        h.spin_until(lambda: h.node.debug_publisher.get_subscription_count() > 0, "debug image subscription")
+        h.publish_frame(encode(FRAME, "rgb8", Time(sec=next(h.stamps))))
+        yield h
 
 
 def assert_still_serving(h: Harness) -> None:
@@ -210,8 +205,8 @@ def test_fuzz_navigate(fuzz_node, figures, instruction, camera, image, actions):
 
 
 @pytest.fixture(scope="module")
-def ask_client(fuzz_node) -> ActionClient:
-    client = ActionClient(fuzz_node.client, Ask, f"{fuzz_node.ns}/mobilevlm_node/ask")
+def ask_client(fuzz_node) -> Iterator[ActionClient]:
+    client = ActionClient(fuzz_node.client, Ask, fuzz_node.name("ask"))
     assert client.wait_for_server(timeout_sec=30)
     yield client
     client.destroy()
@@ -239,8 +234,8 @@ def test_fuzz_ask_action(fuzz_node, ask_client, figures, question, camera, image
 @pytest.fixture(scope="module")
 def query_topic(fuzz_node) -> tuple[Any, list[Answer]]:
     answers: list[Answer] = []
-    fuzz_node.client.create_subscription(Answer, f"{fuzz_node.ns}/mobilevlm_node/answer", answers.append, 10)
-    query = fuzz_node.client.create_publisher(String, f"{fuzz_node.ns}/mobilevlm_node/query", 10)
+    fuzz_node.client.create_subscription(Answer, fuzz_node.name("answer"), answers.append, 10)
+    query = fuzz_node.client.create_publisher(String, fuzz_node.name("query"), 10)
     fuzz_node.spin_until(lambda: query.get_subscription_count() > 0 and fuzz_node.node.answer_publisher.get_subscription_count() > 0,
                          "query and answer subscriptions")
     return query, answers

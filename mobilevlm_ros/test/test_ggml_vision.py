@@ -18,7 +18,7 @@ from mobilevlm_ros.errors import ArtifactError, BackendError, ConfigError
 from mobilevlm_ros.cpu import physical_cores
 from mobilevlm_ros.runtime.ggml_vision import GgmlVision
 from mobilevlm_ros.runtime.vlm import MobileVLM
-from test_node import FRAME, Harness, checkpoint, encode, node_parameters, stamp, vlm  # noqa: F401 (fixtures)
+from ros_harness import FRAME, Harness, encode, node_parameters, stamp
 
 MOBILEVLM = Path(sys.executable).parent / "mobilevlm"
 QUESTION = "What colour?"

@@ -13,14 +13,11 @@ from mobilevlm_ros.model.tiling import tile_boxes
 from mobilevlm_ros.runtime.sampling import SamplingParams
 from mobilevlm_ros.runtime.session import PerTileSession
 from mobilevlm_ros.runtime.vision import OnnxRuntimeVision
-from mobilevlm_ros.runtime.vlm import MobileVLM
+from reference import option_scores
+from tiny_checkpoint import CONTEXT_LENGTH, IMAGE_TOKENS
 
 QUESTION = "What is in the image?"
-
-
-@pytest.fixture(scope="module")
-def vlm(make_checkpoint) -> MobileVLM:
-    return MobileVLM.from_pretrained(make_checkpoint(dtype=torch.float32), device="cpu")
+OPTIONS = ["a red square", "a blue square", "nothing"]
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +66,7 @@ def test_batched_call_equals_per_tile_calls(vlm, frame, tmp_path, backend):
     pixels = vlm.image_processor.batch(vlm.views(frame, "tiles", max_tiles=6).images)
     batched = vision(pixels)
     one_by_one = torch.cat([vision(pixels[i : i + 1]) for i in range(len(pixels))])
-    assert batched.shape == (3, 144, vlm.config.hidden_size)
+    assert batched.shape == (3, IMAGE_TOKENS, vlm.config.hidden_size)
     torch.testing.assert_close(batched, one_by_one, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(batched[1], batched[2])  # the tiles differ, so the comparison means something
 
@@ -82,25 +79,21 @@ def test_batch_preprocessing_is_the_single_image_preprocessing(vlm, frame):
 
 
 def test_tiles_session_equals_the_whole_prompt_with_every_image_spliced_in(vlm, frame):
-    """The session's cached prefill (text and images appended piece by piece) gives the logits of one forward pass over
-    upstream's splicing: the i-th placeholder of the tokenized prompt replaced by the i-th image's embeddings."""
+    """The session's cached prefill (text and images appended piece by piece) scores answers as one forward pass over
+    upstream's splicing does: the i-th placeholder of the tokenized prompt replaced by the i-th image's embeddings."""
     views = vlm.views(frame, "tiles")
-    embeds = vlm.encode_images(views.images)
     ids = vlm.prompt_ids(QUESTION, views.image_text)
-    assert ids.count(IMAGE_TOKEN_INDEX) == 3
-    with torch.no_grad():
-        llm = vlm.language.model
-        reference = llm(inputs_embeds=llm.embed_with_images(ids, embeds)).logits[0, -1]
+    assert ids.count(IMAGE_TOKEN_INDEX) == len(views.images) == 3  # the overview and a 2x1 grid
     session = vlm.session(frame, mode="tiles")
-    _, logits = session._start_turn(QUESTION)
-    torch.testing.assert_close(logits, reference, atol=1e-4, rtol=0)
-    assert session.prompt_tokens == len(ids) - 3 + 3 * 144
+    choice = session.choose(QUESTION, OPTIONS)
+    assert choice.scores == pytest.approx(option_scores(vlm, ids, vlm.encode_images(views.images), OPTIONS), abs=1e-3)
+    assert session.prompt_tokens == len(ids) - len(views.images) + len(views.images) * IMAGE_TOKENS
 
 
 def test_tiles_answer_differs_from_the_overview_answer(vlm, frame):
-    session = vlm.session(frame, mode="tiles")
-    overview = vlm.session(frame)
-    assert not torch.allclose(session._start_turn(QUESTION)[1], overview._start_turn(QUESTION)[1])
+    tiles = vlm.session(frame, mode="tiles").choose(QUESTION, OPTIONS)
+    overview = vlm.session(frame).choose(QUESTION, OPTIONS)
+    assert tiles.scores != pytest.approx(overview.scores)
 
 
 def test_mean_logprob_is_the_models_probability_of_the_answer(vlm, frame):
@@ -172,7 +165,7 @@ def test_bad_modes_and_regions_are_clear_errors(vlm, frame, kwargs, error, messa
 
 def test_too_many_tiles_for_the_context_is_a_clear_error(vlm):
     large = np.zeros((1080, 1920, 3), dtype=np.uint8)
-    with pytest.raises(PromptError, match="the context holds 1024"):
-        vlm.session(large, mode="tiles", max_tiles=6)  # 7 x 144 image tokens and the text do not fit 1024
+    with pytest.raises(PromptError, match=f"the context holds {CONTEXT_LENGTH}"):
+        vlm.session(large, mode="tiles", max_tiles=6)  # 7 x IMAGE_TOKENS image tokens and the text do not fit
     with pytest.raises(PromptError, match="keeps no history"):
         vlm.session(large, mode="per_tile", keep_history=True)

@@ -8,8 +8,7 @@ Answer topic message, each between two nodes. Every wait is bounded.
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -25,6 +24,7 @@ from sensor_msgs.msg import Image
 from mobilevlm_interfaces.action import Ask
 from mobilevlm_interfaces.msg import Answer
 from mobilevlm_interfaces.srv import NavigationInstruction, VisualQuery
+from ros_harness import spin_until
 
 TIMEOUT_S = 10.0
 
@@ -41,14 +41,6 @@ def nodes(ros_context: Context) -> Iterator[tuple[Node, Node, MultiThreadedExecu
     executor.shutdown(timeout_sec=TIMEOUT_S)
     server.destroy_node()
     client.destroy_node()
-
-
-def spin_until(executor: MultiThreadedExecutor, done: Callable[[], bool], what: str) -> None:
-    """Spin until `done()` holds; fail after TIMEOUT_S."""
-    deadline = time.monotonic() + TIMEOUT_S
-    while not done():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        executor.spin_once(timeout_sec=0.05)
 
 
 def wait_future(executor: MultiThreadedExecutor, future: Future, what: str) -> Any:
@@ -159,7 +151,7 @@ def test_ask_action_round_trip_with_feedback(nodes: tuple[Node, Node, MultiThrea
         assert goal_handle.accepted
         # Collect all feedback before asking for the result: the client drops the goal's feedback
         # callback once its result arrives, and feedback may trail the result on the wire.
-        spin_until(executor, lambda: len(feedback) == len(words), "all Ask feedback")
+        spin_until(executor, lambda: len(feedback) == len(words), "all Ask feedback", TIMEOUT_S)
         result = wait_future(executor, goal_handle.get_result_async(), "Ask result").result
 
         assert result.success
@@ -179,13 +171,13 @@ def test_answer_topic(nodes: tuple[Node, Node, MultiThreadedExecutor]) -> None:
     received: list[Answer] = []
     client.create_subscription(Answer, "answer", received.append, 10)
     publisher = server.create_publisher(Answer, "answer", 10)
-    spin_until(executor, lambda: publisher.get_subscription_count() > 0, "Answer subscription match")
+    spin_until(executor, lambda: publisher.get_subscription_count() > 0, "Answer subscription match", TIMEOUT_S)
 
     message = Answer(camera="front", question="how many chairs?", answer="two", success=True, latency_s=0.75)
     message.header.stamp = Time(sec=42, nanosec=7)
     message.header.frame_id = "camera_optical"
     publisher.publish(message)
-    spin_until(executor, lambda: len(received) == 1, "Answer message")
+    spin_until(executor, lambda: len(received) == 1, "Answer message", TIMEOUT_S)
 
     got = received[0]
     assert (got.camera, got.question, got.answer, got.success, got.error) == (

@@ -35,11 +35,6 @@ def assert_same_answer(*answers: Answer) -> None:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(make_checkpoint):
-    return make_checkpoint(dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
 def engines(tmp_path_factory):
     return tmp_path_factory.mktemp("engines")
 

@@ -4,15 +4,9 @@ The node spins on its own executor thread; the test talks to it from a client no
 would. Answers are compared with the library's own answer for the same frame (the model is greedy, so deterministic).
 """
 
-import os
 import signal
-import subprocess
-import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
+from collections.abc import Iterator
 
 import cv2
 import numpy as np
@@ -20,14 +14,10 @@ import pytest
 import torch
 from action_msgs.msg import GoalStatus
 from builtin_interfaces.msg import Time
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+from diagnostic_msgs.msg import DiagnosticArray
 from lifecycle_msgs.msg import State
 from rclpy.action import ActionClient
-from rclpy.context import Context
-from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
 from rclpy.lifecycle import TransitionCallbackReturn
-from rclpy.node import Node
-from rclpy.parameter import Parameter
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
@@ -35,126 +25,32 @@ from std_msgs.msg import String
 from mobilevlm_interfaces.action import Ask
 from mobilevlm_interfaces.msg import Answer
 from mobilevlm_interfaces.srv import NavigationInstruction, VisualQuery
-from mobilevlm_ros.ros.node import MobileVLMNode
+from mobilevlm_ros.ros.parameters import SPECS
+from mobilevlm_ros.runtime.navigation import NAVIGATION_ACTIONS, navigation_question
 from mobilevlm_ros.runtime.vlm import MobileVLM
+from ros_harness import (
+    DEFAULT_CAMERA, FRAME, FRAME_ID, MAX_NEW_TOKENS, PROCESS_TIMEOUT_S, TIMEOUT_S, Harness, ProcessClient,
+    diagnostic_values, encode, node_parameters, stamp, start_node_process,
+)
+from tiny_checkpoint import IMAGE_TOKENS
 
-TIMEOUT_S = 30.0
-FRAME = np.random.default_rng(11).integers(0, 256, (48, 64, 3), dtype=np.uint8)
-
-
-def encode(rgb: np.ndarray, encoding: str, stamp: Time, pad: int = 0) -> Image:
-    """A sensor_msgs/Image of `rgb` in `encoding`, rows padded by `pad` bytes."""
-    conversions = {
-        "rgb8": lambda x: x, "bgr8": lambda x: x[:, :, ::-1],
-        "rgba8": lambda x: np.dstack([x, np.full(x.shape[:2], 255, np.uint8)]),
-        "bgra8": lambda x: np.dstack([x[:, :, ::-1], np.full(x.shape[:2], 255, np.uint8)]),
-        "mono8": lambda x: cv2.cvtColor(x, cv2.COLOR_RGB2GRAY),
-        "mono16": lambda x: cv2.cvtColor(x, cv2.COLOR_RGB2GRAY).astype(">u2") * 257,
-        "yuv422_yuy2": lambda x: cv2.cvtColor(x, cv2.COLOR_RGB2YUV_YUY2),
-        "yuv422": lambda x: cv2.cvtColor(x, cv2.COLOR_RGB2YUV_YUY2).reshape(x.shape[0], -1, 4)[:, :, [1, 0, 3, 2]],
-    }
-    pixels = np.ascontiguousarray(conversions[encoding](rgb))
-    rows = pixels.reshape(rgb.shape[0], -1).view(np.uint8).reshape(rgb.shape[0], -1)
-    rows = np.hstack([rows, np.zeros((rows.shape[0], pad), np.uint8)])
-    msg = Image(height=rgb.shape[0], width=rgb.shape[1], encoding=encoding, step=rows.shape[1],
-                is_bigendian=int(encoding == "mono16"), data=rows.tobytes())
-    msg.header.stamp = stamp
-    msg.header.frame_id = "camera_optical"
-    return msg
-
-
-class Harness:
-    """The node on a background executor, a client node driven from the test thread."""
-
-    def __init__(self, context: Context, parameters: dict[str, Any], namespace: str):
-        """The node runs in `namespace`, so harnesses alive at the same time never share topics or services."""
-        self.context = context
-        self.ns = f"/{namespace}"
-        self.node = MobileVLMNode(context=context, namespace=namespace,
-                                  parameter_overrides=[Parameter(k, value=v) for k, v in parameters.items()])
-        self.executor = MultiThreadedExecutor(num_threads=4, context=context)
-        self.executor.add_node(self.node)
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self.thread.start()
-        self.client = Node("test_client", context=context)
-        self.client_executor = SingleThreadedExecutor(context=context)
-        self.client_executor.add_node(self.client)
-        self.camera = self.client.create_publisher(Image, f"{self.ns}/image", qos_profile_sensor_data)
-        self.vqa = self.client.create_client(VisualQuery, f"{self.ns}/mobilevlm_node/vqa")
-        self.navigate = self.client.create_client(NavigationInstruction, f"{self.ns}/mobilevlm_node/navigate")
-
-    def close(self) -> None:
-        self.node.on_shutdown(None)
-        self.executor.shutdown(timeout_sec=5)
-        self.thread.join(5)
-        self.node.destroy_node()
-        self.client.destroy_node()
-
-    def spin_until(self, done: Callable[[], bool], what: str, timeout_s: float = TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not done():
-            assert time.monotonic() < deadline, f"timed out waiting for {what}"
-            self.client_executor.spin_once(timeout_sec=0.05)
-
-    def call(self, client: Any, request: Any) -> Any:
-        assert client.wait_for_service(timeout_sec=TIMEOUT_S), f"{client.srv_name} never appeared"
-        future = client.call_async(request)
-        self.spin_until(future.done, f"{client.srv_name} response")
-        return future.result()
-
-    def publish_frame(self, msg: Image, publisher: Any = None, camera: str = "camera") -> None:
-        """Publish until the node has stored this very message as the camera's latest frame."""
-        publisher = publisher or self.camera
-        self.spin_until(lambda: publisher.get_subscription_count() > 0, "camera subscription")
-
-        def stored() -> bool:
-            latest = self.node.frames.snapshot()[camera].last
-            return latest is not None and latest.msg.header.stamp == msg.header.stamp
-
-        deadline = time.monotonic() + TIMEOUT_S
-        while not stored():
-            assert time.monotonic() < deadline, "frame never arrived"
-            publisher.publish(msg)
-            self.client_executor.spin_once(timeout_sec=0.05)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(make_checkpoint):
-    return make_checkpoint(dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
-def vlm(checkpoint) -> MobileVLM:
-    return MobileVLM.from_pretrained(checkpoint, device="cpu")
-
-
-def node_parameters(checkpoint, **overrides: Any) -> dict[str, Any]:
-    return {"model_path": str(checkpoint), "max_new_tokens": 6, "max_frame_age_s": 0.0,
-            "cameras": ["camera", "front"], "camera_topics": ["image", "front/image"],
-            "camera_transports": ["raw", "compressed"], **overrides}
+DEFAULTS = {spec.name: spec.default for spec in SPECS}
 
 
 @pytest.fixture(scope="module")
 def harness(ros_context, checkpoint) -> Iterator[Harness]:
-    h = Harness(ros_context, node_parameters(checkpoint), "main")
-    assert h.node.trigger_configure() == TransitionCallbackReturn.SUCCESS
-    assert h.node.trigger_activate() == TransitionCallbackReturn.SUCCESS
-    yield h
-    h.close()
-
-
-def stamp(sec: int) -> Time:
-    return Time(sec=sec, nanosec=123)
+    with Harness(ros_context, node_parameters(checkpoint), "main") as h:
+        yield h.activate()
 
 
 def test_vqa_answers_about_the_latest_frame(harness, vlm):
     harness.publish_frame(encode(FRAME, "rgb8", stamp(100)))
     response = harness.call(harness.vqa, VisualQuery.Request(question="What is in the image?"))
     assert response.success, response.error
-    assert response.answer == vlm.ask(FRAME, "What is in the image?", max_new_tokens=6)
+    assert response.answer == vlm.ask(FRAME, "What is in the image?", max_new_tokens=MAX_NEW_TOKENS)
     assert (response.image_stamp.sec, response.image_stamp.nanosec) == (100, 123)
-    assert response.camera == "camera"
-    assert response.generated_tokens <= 6 and response.prompt_tokens > 144
+    assert response.camera == DEFAULT_CAMERA
+    assert response.generated_tokens <= MAX_NEW_TOKENS and response.prompt_tokens > IMAGE_TOKENS
     assert response.latency_s > 0
 
 
@@ -163,7 +59,7 @@ def test_lossless_encodings_give_the_rgb_answer(harness, vlm, encoding, pad):
     harness.publish_frame(encode(FRAME, encoding, stamp(200 + pad), pad=pad))
     response = harness.call(harness.vqa, VisualQuery.Request(question="What colour?"))
     assert response.success, response.error
-    assert response.answer == vlm.ask(FRAME, "What colour?", max_new_tokens=6)
+    assert response.answer == vlm.ask(FRAME, "What colour?", max_new_tokens=MAX_NEW_TOKENS)
     assert response.image_stamp.sec == 200 + pad
 
 
@@ -184,7 +80,7 @@ def test_compressed_camera(harness, vlm):
     response = harness.call(harness.vqa, VisualQuery.Request(question="What colour?", camera="front"))
     assert response.success, response.error
     assert (response.camera, response.image_stamp.sec) == ("front", 400)
-    assert response.answer == vlm.ask(FRAME, "What colour?", max_new_tokens=6)
+    assert response.answer == vlm.ask(FRAME, "What colour?", max_new_tokens=MAX_NEW_TOKENS)
 
 
 def test_image_in_the_request(harness, vlm):
@@ -200,38 +96,23 @@ def test_navigate_chooses_one_of_the_actions(harness, vlm):
     harness.publish_frame(encode(FRAME, "rgb8", stamp(600)))
     response = harness.call(harness.navigate, NavigationInstruction.Request(instruction="Go to the red door."))
     assert response.success, response.error
-    assert list(response.actions) == ["move_forward", "turn_left", "turn_right", "stop"]
+    assert list(response.actions) == list(NAVIGATION_ACTIONS)
     assert response.action in response.actions
-    assert len(response.scores) == 4 and 0 < response.confidence <= 1
+    assert len(response.scores) == len(NAVIGATION_ACTIONS) and 0 < response.confidence <= 1
     assert response.action == response.actions[int(np.argmax(response.scores))]
-    expected = vlm.session(FRAME).choose("Go to the red door.\nAnswer with one of: move_forward, turn_left, turn_right, stop.", list(response.actions))
+    expected = vlm.session(FRAME).choose(navigation_question("Go to the red door.", NAVIGATION_ACTIONS), list(NAVIGATION_ACTIONS))
     assert response.action == expected.option
     custom = harness.call(harness.navigate, NavigationInstruction.Request(instruction="Go.", actions=["left", "right"]))
     assert custom.success and custom.action in ("left", "right") and list(custom.actions) == ["left", "right"]
 
 
-def send_ask_goal(harness: Harness, client: ActionClient, goal: Ask.Goal, feedback: list[str]) -> Any:
-    """Send `goal` (collecting partial answers into `feedback`) and return the accepted goal handle."""
-    assert client.wait_for_server(timeout_sec=TIMEOUT_S)
-    goal_future = client.send_goal_async(goal, feedback_callback=lambda m: feedback.append(m.feedback.partial_answer))
-    harness.spin_until(goal_future.done, "goal response")
-    assert goal_future.result().accepted
-    return goal_future.result()
-
-
-def ask_result(harness: Harness, handle: Any) -> Any:
-    result_future = handle.get_result_async()
-    harness.spin_until(result_future.done, "ask result")
-    return result_future.result()
-
-
 def test_ask_action_streams_feedback(harness, vlm):
     harness.publish_frame(encode(FRAME, "rgb8", stamp(700)))
-    client = ActionClient(harness.client, Ask, f"{harness.ns}/mobilevlm_node/ask")
+    client = ActionClient(harness.client, Ask, harness.name("ask"))
     try:
         feedback: list[str] = []
-        handle = send_ask_goal(harness, client, Ask.Goal(question="Describe it.", max_new_tokens=8), feedback)
-        result = ask_result(harness, handle)
+        handle = harness.send_ask_goal(client, Ask.Goal(question="Describe it.", max_new_tokens=8), feedback)
+        result = harness.ask_result(handle)
         assert result.status == GoalStatus.STATUS_SUCCEEDED, result.result.error
         assert result.result.answer == vlm.ask(FRAME, "Describe it.", max_new_tokens=8)
         assert result.result.image_stamp.sec == 700
@@ -242,14 +123,14 @@ def test_ask_action_streams_feedback(harness, vlm):
 
 def test_ask_action_can_be_canceled_mid_stream(harness):
     harness.publish_frame(encode(FRAME, "rgb8", stamp(800)))
-    client = ActionClient(harness.client, Ask, f"{harness.ns}/mobilevlm_node/ask")
+    client = ActionClient(harness.client, Ask, harness.name("ask"))
     try:
         feedback: list[str] = []
-        handle = send_ask_goal(harness, client, Ask.Goal(question="Describe everything in detail.", max_new_tokens=800), feedback)
+        handle = harness.send_ask_goal(client, Ask.Goal(question="Describe everything in detail.", max_new_tokens=800), feedback)
         harness.spin_until(lambda: len(feedback) > 0, "first feedback")
         cancel = handle.cancel_goal_async()
         harness.spin_until(cancel.done, "cancel response")
-        result = ask_result(harness, handle)
+        result = harness.ask_result(handle)
         assert result.status == GoalStatus.STATUS_CANCELED
         assert not result.result.success and result.result.error == "canceled"
         assert result.result.generated_tokens < 800
@@ -261,18 +142,18 @@ def test_ask_action_can_be_canceled_mid_stream(harness):
 def test_query_topic_publishes_an_answer_with_the_image_stamp(harness, vlm):
     answers: list[Answer] = []
     debug: list[Image] = []
-    harness.client.create_subscription(Answer, f"{harness.ns}/mobilevlm_node/answer", answers.append, 10)
-    harness.client.create_subscription(Image, f"{harness.ns}/mobilevlm_node/debug_image", debug.append, qos_profile_sensor_data)
-    query = harness.client.create_publisher(String, f"{harness.ns}/mobilevlm_node/query", 10)
+    harness.client.create_subscription(Answer, harness.name("answer"), answers.append, 10)
+    harness.client.create_subscription(Image, harness.name("debug_image"), debug.append, qos_profile_sensor_data)
+    query = harness.client.create_publisher(String, harness.name("query"), 10)
     harness.publish_frame(encode(FRAME, "rgb8", stamp(900)))
     harness.spin_until(lambda: query.get_subscription_count() > 0 and harness.node.debug_publisher.get_subscription_count() > 0, "query and debug subscriptions")
     query.publish(String(data="What is in the image?"))
     harness.spin_until(lambda: answers and debug, "answer and debug image")
     answer = answers[0]
     assert answer.success, answer.error
-    assert answer.answer == vlm.ask(FRAME, "What is in the image?", max_new_tokens=6)
-    assert (answer.header.stamp.sec, answer.header.frame_id, answer.camera) == (900, "camera_optical", "camera")
-    assert (debug[0].width, debug[0].height, debug[0].encoding, debug[0].header.stamp.sec) == (64, 48, "rgb8", 900)
+    assert answer.answer == vlm.ask(FRAME, "What is in the image?", max_new_tokens=MAX_NEW_TOKENS)
+    assert (answer.header.stamp.sec, answer.header.frame_id, answer.camera) == (900, FRAME_ID, DEFAULT_CAMERA)
+    assert (debug[0].width, debug[0].height, debug[0].encoding, debug[0].header.stamp.sec) == (FRAME.shape[1], FRAME.shape[0], "rgb8", 900)
 
 
 def bad_image(kind: str) -> Image:
@@ -311,10 +192,8 @@ def test_bad_navigation_instruction(harness):
 
 
 def test_no_frame_yet_and_stale_frames(ros_context, checkpoint):
-    h = Harness(ros_context, node_parameters(checkpoint, max_frame_age_s=0.5), "stale")
-    try:
-        assert h.node.trigger_configure() == TransitionCallbackReturn.SUCCESS
-        assert h.node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+    with Harness(ros_context, node_parameters(checkpoint, max_frame_age_s=0.5), "stale") as h:
+        h.activate()
         response = h.call(h.vqa, VisualQuery.Request(question="Hi?"))
         assert (response.success, response.error) == (False, "no frame from camera 'camera' yet")
         old = h.node.get_clock().now().nanoseconds // 1_000_000_000 - 10
@@ -324,15 +203,11 @@ def test_no_frame_yet_and_stale_frames(ros_context, checkpoint):
         assert response.error.startswith("no frame from camera 'camera' for 1") and "max_frame_age_s is 0.5" in response.error
         h.publish_frame(encode(FRAME, "rgb8", h.node.get_clock().now().to_msg()))
         assert h.call(h.vqa, VisualQuery.Request(question="Hi?")).success
-    finally:
-        h.close()
 
 
 def test_full_queue_answers_busy_at_once(ros_context, checkpoint):
-    h = Harness(ros_context, node_parameters(checkpoint, max_queue=1, max_new_tokens=300), "busy")
-    try:
-        assert h.node.trigger_configure() == TransitionCallbackReturn.SUCCESS
-        assert h.node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+    with Harness(ros_context, node_parameters(checkpoint, max_queue=1, max_new_tokens=300), "busy") as h:
+        h.activate()
         h.publish_frame(encode(FRAME, "rgb8", stamp(1100)))
         assert h.vqa.wait_for_service(timeout_sec=TIMEOUT_S)
         futures = [h.vqa.call_async(VisualQuery.Request(question=f"Question {i}?")) for i in range(6)]
@@ -340,13 +215,10 @@ def test_full_queue_answers_busy_at_once(ros_context, checkpoint):
         errors = [f.result().error for f in futures if not f.result().success]
         assert "busy: queue full (1)" in errors
         assert any(f.result().success for f in futures)
-    finally:
-        h.close()
 
 
 def test_lifecycle_transitions(ros_context, checkpoint):
-    h = Harness(ros_context, node_parameters(checkpoint), "lifecycle")
-    try:
+    with Harness(ros_context, node_parameters(checkpoint), "lifecycle") as h:
         node = h.node
         assert node._state_machine.current_state[0] == State.PRIMARY_STATE_UNCONFIGURED
         assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
@@ -364,13 +236,10 @@ def test_lifecycle_transitions(ros_context, checkpoint):
         assert node.trigger_cleanup() == TransitionCallbackReturn.SUCCESS
         assert node.vlm is None
         assert node._state_machine.current_state[0] == State.PRIMARY_STATE_UNCONFIGURED
-    finally:
-        h.close()
 
 
 def test_bad_model_path_leaves_the_node_unconfigured_with_the_error_in_diagnostics(ros_context, tmp_path):
-    h = Harness(ros_context, {"model_path": str(tmp_path / "missing")}, "broken")
-    try:
+    with Harness(ros_context, {"model_path": str(tmp_path / "missing")}, "broken") as h:
         statuses: list[DiagnosticArray] = []
         h.client.create_subscription(DiagnosticArray, "/diagnostics", statuses.append, 10)
         assert h.node.trigger_configure() == TransitionCallbackReturn.FAILURE
@@ -380,8 +249,6 @@ def test_bad_model_path_leaves_the_node_unconfigured_with_the_error_in_diagnosti
             return any("missing: not a directory" in s.message for a in statuses for s in a.status)
 
         h.spin_until(reported, "diagnostics with the configure error", timeout_s=10)
-    finally:
-        h.close()
 
 
 def test_diagnostics_report_cameras_queue_and_latency(harness):
@@ -400,66 +267,44 @@ def test_diagnostics_report_cameras_queue_and_latency(harness):
 
 
 def test_declared_parameters_have_descriptions(harness):
-    from mobilevlm_ros.ros.parameters import SPECS
-
     for spec in SPECS:
         assert harness.node.describe_parameter(spec.name).description.startswith(spec.description)
         assert harness.node.get_parameter(spec.name).value is not None
 
 
-def start_node_process(checkpoint: Path, namespace: str, log_path: Path, **parameters: Any) -> subprocess.Popen:
-    """The `mobilevlm_node` console script in `namespace`, its output in `log_path`.
-
-    With one torch thread: the tiny model's matrices are too small to share out, and on a busy 2-core machine torch's
-    spinning worker threads make each of its operations 10-100x slower.
-    """
-    arguments = [f"{name}:={value}" for name, value in {"model_path": checkpoint, "max_frame_age_s": 0.0, **parameters}.items()]
-    with log_path.open("w") as log:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(
-            [str(Path(sys.executable).parent / "mobilevlm_node"), "--ros-args", "-r", f"__ns:=/{namespace}",
-             *[item for argument in arguments for item in ("-p", argument)]],
-            stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"OMP_NUM_THREADS": "1"},
-        )
-
-
-def diagnostic_values(status: DiagnosticStatus) -> dict[str, str]:
-    return {value.key: value.value for value in status.values}
+def test_parameters_that_change_at_once_are_used_by_the_next_request(harness):
+    old = encode(FRAME, "rgb8", stamp(1600))  # stamped 1970: older than any limit
+    harness.publish_frame(old)
+    try:
+        assert harness.set_parameter("max_frame_age_s", 1.0).successful
+        response = harness.call(harness.vqa, VisualQuery.Request(question="Hi?"))
+        assert not response.success and "(max_frame_age_s is 1)" in response.error
+        assert harness.set_parameter("temperature", 0.5).successful
+        assert harness.node.params.temperature == 0.5
+    finally:
+        assert harness.set_parameter("max_frame_age_s", 0.0).successful
+        assert harness.set_parameter("temperature", DEFAULTS["temperature"]).successful
+    assert harness.call(harness.vqa, VisualQuery.Request(question="Hi?")).success
 
 
-class ProcessClient:
-    """A client node in this process for a node running as a separate process."""
+def test_configure_time_parameters_are_refused_while_configured(harness):
+    refused = harness.set_parameter("max_queue", 16)
+    assert (refused.successful, refused.reason) == (False, "parameter max_queue is read at configure: set it while the node is unconfigured")
+    assert harness.node.get_parameter("max_queue").value == harness.node.params.max_queue == DEFAULTS["max_queue"]
+    assert harness.set_parameter("max_queue", DEFAULTS["max_queue"]).successful  # the value it has: a params file loaded again
+    assert not harness.set_parameter("temperature", 5.0).successful  # rclpy's range check
+    assert "read-only" in harness.set_parameter("autostart", False).reason
 
-    def __init__(self, context: Context, namespace: str, name: str = ""):
-        self.node = Node(name or f"client_{namespace}", context=context)
-        self.executor = SingleThreadedExecutor(context=context)
-        self.executor.add_node(self.node)
-        self.camera = self.node.create_publisher(Image, f"/{namespace}/image", qos_profile_sensor_data)
-        self.vqa = self.node.create_client(VisualQuery, f"/{namespace}/mobilevlm_node/vqa")
-        self.navigate = self.node.create_client(NavigationInstruction, f"/{namespace}/mobilevlm_node/navigate")
-        self.ask = ActionClient(self.node, Ask, f"/{namespace}/mobilevlm_node/ask")
-        self.diagnostics: list[DiagnosticStatus] = []  # this node's statuses on /diagnostics, oldest first
-        self.node.create_subscription(DiagnosticArray, "/diagnostics", lambda msg: self.diagnostics.extend(
-            s for s in msg.status if s.name == f"/{namespace}/mobilevlm_node: inference"), 10)
 
-    def answer_first(self, frame: Image, question: str) -> VisualQuery.Response:
-        """Ask until answered, publishing `frame` meanwhile: the camera subscription may match after the first frames."""
-        first = self.vqa.call_async(VisualQuery.Request(question=question))
-        while not first.done():
-            self.camera.publish(frame)
-            self.executor.spin_once(timeout_sec=0.1)
-            if first.done() and not first.result().success and "no frame" in first.result().error:
-                first = self.vqa.call_async(VisualQuery.Request(question=question))
-        return first.result()
-
-    def destroy(self) -> None:
-        self.ask.destroy()
-        self.node.destroy_node()
-
-    def spin_until(self, done: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not done():
-            assert time.monotonic() < deadline, f"timed out waiting for {what}"
-            self.executor.spin_once(timeout_sec=0.05)
+def test_parameters_set_before_configure_are_checked_by_the_configure_rules(ros_context, checkpoint):
+    with Harness(ros_context, node_parameters(checkpoint), "unconfigured") as h:
+        refused = h.set_parameter("image_mode", "crop")
+        assert (refused.successful, refused.reason) == (False, "parameter image_mode: 'crop' is not one of overview, tiles, per_tile")
+        assert not h.set_parameter("cameras", ["front", "front"]).successful
+        assert h.set_parameter("cameras", ["front", "rear", "top"]).successful  # its topics may follow: checked at configure
+        assert h.node.params.cameras == ["front", "rear", "top"]
+        assert h.node.trigger_configure() == TransitionCallbackReturn.FAILURE
+        assert h.node.configure_error == "parameter camera_topics: 2 entries for 3 cameras"
 
 
 @pytest.mark.reliability
@@ -477,7 +322,7 @@ def test_console_script_serves_then_exits_cleanly_on_a_signal(ros_context, make_
     process = start_node_process(checkpoint, namespace, tmp_path / "node.log", max_new_tokens=4, diagnostics_period_s=0.1)
     client = ProcessClient(ros_context, namespace)
     try:
-        assert client.vqa.wait_for_service(timeout_sec=60), (tmp_path / "node.log").read_text()
+        assert client.vqa.wait_for_service(timeout_sec=PROCESS_TIMEOUT_S), (tmp_path / "node.log").read_text()
         first = client.answer_first(encode(FRAME, "rgb8", stamp(1400)), "What is in the image?")
         assert first.success, first.error
         assert first.answer == vlm.ask(FRAME, "What is in the image?", max_new_tokens=4)
@@ -508,14 +353,10 @@ def test_console_script_serves_then_exits_cleanly_on_a_signal(ros_context, make_
 
 
 def test_onnxruntime_vision_backend_gives_the_torch_answer(ros_context, checkpoint, vlm, tmp_path):
-    h = Harness(ros_context, node_parameters(checkpoint, vision_backend="onnxruntime", engines_dir=str(tmp_path)), "onnx")
-    try:
-        assert h.node.trigger_configure() == TransitionCallbackReturn.SUCCESS
-        assert h.node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+    with Harness(ros_context, node_parameters(checkpoint, vision_backend="onnxruntime", engines_dir=str(tmp_path)), "onnx") as h:
+        h.activate()
         assert h.node.vlm.vision.name == "onnxruntime" and list(tmp_path.glob("vision-onnx-*.onnx"))
         h.publish_frame(encode(FRAME, "rgb8", stamp(1500)))
         response = h.call(h.vqa, VisualQuery.Request(question="What colour?"))
         assert response.success, response.error
-        assert response.answer == vlm.ask(FRAME, "What colour?", max_new_tokens=6)
-    finally:
-        h.close()
+        assert response.answer == vlm.ask(FRAME, "What colour?", max_new_tokens=MAX_NEW_TOKENS)

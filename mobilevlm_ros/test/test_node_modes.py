@@ -14,7 +14,8 @@ from mobilevlm_interfaces.action import Ask
 from mobilevlm_interfaces.srv import NavigationInstruction, VisualQuery
 from mobilevlm_ros.runtime.navigation import NAVIGATION_ACTIONS, navigation_question
 from mobilevlm_ros.runtime.sampling import SamplingParams
-from test_node import Harness, ask_result, checkpoint, encode, node_parameters, send_ask_goal, stamp, vlm  # noqa: F401 (fixtures)
+from ros_harness import MAX_NEW_TOKENS, Harness, encode, node_parameters, stamp
+from tiny_checkpoint import IMAGE_TOKENS
 
 QUESTION = "What is in the image?"
 # 700x400: 2.5 tile areas of 336x336, so tiles and per_tile cut it 2x1.
@@ -28,19 +29,12 @@ def region(x: int, y: int, width: int, height: int) -> RegionOfInterest:
     return RegionOfInterest(x_offset=x, y_offset=y, width=width, height=height)
 
 
-def started(ros_context, checkpoint, namespace: str, **parameters) -> Harness:
-    h = Harness(ros_context, node_parameters(checkpoint, **parameters), namespace)
-    assert h.node.trigger_configure() == TransitionCallbackReturn.SUCCESS, h.node.configure_error
-    assert h.node.trigger_activate() == TransitionCallbackReturn.SUCCESS
-    return h
-
-
 @pytest.fixture(scope="module")
 def harness(ros_context, checkpoint) -> Iterator[Harness]:
-    h = started(ros_context, checkpoint, "modes")
-    h.publish_frame(encode(FRAME, "rgb8", stamp(1)))
-    yield h
-    h.close()
+    with Harness(ros_context, node_parameters(checkpoint), "modes") as h:
+        h.activate()
+        h.publish_frame(encode(FRAME, "rgb8", stamp(1)))
+        yield h
 
 
 @pytest.mark.parametrize("mode, roi", [("overview", None), ("tiles", None), ("per_tile", None), ("crop", ROI)])
@@ -48,17 +42,17 @@ def test_vqa_answers_in_each_mode_as_the_library_does(harness, vlm, mode, roi):
     request = VisualQuery.Request(question=QUESTION, mode=mode, roi=region(*roi) if roi else RegionOfInterest())
     response = harness.call(harness.vqa, request)
     assert response.success, response.error
-    assert response.answer == vlm.ask(FRAME, QUESTION, max_new_tokens=6, mode=mode, roi=roi)
+    assert response.answer == vlm.ask(FRAME, QUESTION, max_new_tokens=MAX_NEW_TOKENS, mode=mode, roi=roi)
     assert response.prompt_tokens == vlm.session(FRAME, mode=mode, roi=roi).ask(QUESTION, SamplingParams(max_new_tokens=1)).prompt_tokens
-    assert response.prompt_tokens > (3 * 144 if mode == "tiles" else 144)
+    assert response.prompt_tokens > (3 * IMAGE_TOKENS if mode == "tiles" else IMAGE_TOKENS)  # tiles: overview and 2 tiles
 
 
 def test_empty_mode_is_the_default_and_a_roi_alone_means_crop(harness, vlm):
     plain = harness.call(harness.vqa, VisualQuery.Request(question=QUESTION))
-    assert plain.success and plain.answer == vlm.ask(FRAME, QUESTION, max_new_tokens=6)
+    assert plain.success and plain.answer == vlm.ask(FRAME, QUESTION, max_new_tokens=MAX_NEW_TOKENS)
     cropped = harness.call(harness.vqa, VisualQuery.Request(question=QUESTION, roi=region(*ROI)))
     assert cropped.success, cropped.error
-    assert cropped.answer == vlm.ask(FRAME[250:380, 450:600].copy(), QUESTION, max_new_tokens=6)
+    assert cropped.answer == vlm.ask(FRAME[250:380, 450:600].copy(), QUESTION, max_new_tokens=MAX_NEW_TOKENS)
 
 
 @pytest.mark.parametrize("fields, error", [
@@ -76,38 +70,34 @@ def test_bad_mode_or_roi_is_a_clear_error_and_the_node_keeps_serving(harness, fi
 
 
 def test_ask_action_takes_mode_and_roi(harness, vlm):
-    client = ActionClient(harness.client, Ask, f"{harness.ns}/mobilevlm_node/ask")
+    client = ActionClient(harness.client, Ask, harness.name("ask"))
     try:
         feedback: list[str] = []
-        handle = send_ask_goal(harness, client, Ask.Goal(question=QUESTION, max_new_tokens=6, mode="crop", roi=region(*ROI)), feedback)
-        result = ask_result(harness, handle)
+        goal = Ask.Goal(question=QUESTION, max_new_tokens=MAX_NEW_TOKENS, mode="crop", roi=region(*ROI))
+        handle = harness.send_ask_goal(client, goal, feedback)
+        result = harness.ask_result(handle)
         assert result.status == GoalStatus.STATUS_SUCCEEDED, result.result.error
-        assert result.result.answer == vlm.ask(FRAME, QUESTION, max_new_tokens=6, mode="crop", roi=ROI)
+        assert result.result.answer == vlm.ask(FRAME, QUESTION, max_new_tokens=MAX_NEW_TOKENS, mode="crop", roi=ROI)
     finally:
         client.destroy()
 
 
 def test_image_mode_and_max_tiles_parameters_set_the_default(ros_context, checkpoint, vlm):
-    h = started(ros_context, checkpoint, "per_tile_default", image_mode="per_tile", max_tiles=2)
-    try:
+    with Harness(ros_context, node_parameters(checkpoint, image_mode="per_tile", max_tiles=2), "per_tile_default") as h:
+        h.activate()
         h.publish_frame(encode(FRAME, "rgb8", stamp(2)))
         response = h.call(h.vqa, VisualQuery.Request(question=QUESTION))
         assert response.success, response.error
-        assert response.answer == vlm.ask(FRAME, QUESTION, max_new_tokens=6, mode="per_tile", max_tiles=2)
+        assert response.answer == vlm.ask(FRAME, QUESTION, max_new_tokens=MAX_NEW_TOKENS, mode="per_tile", max_tiles=2)
         tiles = h.call(h.vqa, VisualQuery.Request(question=QUESTION, mode="tiles"))
-        assert tiles.success and tiles.answer == vlm.ask(FRAME, QUESTION, max_new_tokens=6, mode="tiles", max_tiles=2)
+        assert tiles.success and tiles.answer == vlm.ask(FRAME, QUESTION, max_new_tokens=MAX_NEW_TOKENS, mode="tiles", max_tiles=2)
         navigation = h.call(h.navigate, NavigationInstruction.Request(instruction="Go to the red door."))
         assert navigation.success, navigation.error  # navigation always sees the overview
         expected = vlm.session(FRAME).choose(navigation_question("Go to the red door.", list(NAVIGATION_ACTIONS)), list(NAVIGATION_ACTIONS))
         assert navigation.action == expected.option
-    finally:
-        h.close()
 
 
 def test_image_mode_parameter_must_be_a_whole_frame_mode(ros_context, checkpoint):
-    h = Harness(ros_context, node_parameters(checkpoint, image_mode="crop"), "bad_mode")
-    try:
+    with Harness(ros_context, node_parameters(checkpoint, image_mode="crop"), "bad_mode") as h:
         assert h.node.trigger_configure() == TransitionCallbackReturn.FAILURE
         assert h.node.configure_error == "parameter image_mode: 'crop' is not one of overview, tiles, per_tile"
-    finally:
-        h.close()

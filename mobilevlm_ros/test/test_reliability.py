@@ -19,21 +19,14 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from lifecycle_msgs.msg import State
 from rclpy.lifecycle import TransitionCallbackReturn
 from safetensors.torch import load_file, save_file
-from sensor_msgs.msg import Image
 
 from mobilevlm_interfaces.srv import NavigationInstruction, VisualQuery
 from mobilevlm_ros.ros.diagnostics import error_kind
-from mobilevlm_ros.ros.frames import Frame
-from mobilevlm_ros.ros.worker import InferenceWorker, Request, Result
-from mobilevlm_ros.runtime.sampling import SamplingParams
-from test_node import FRAME, TIMEOUT_S, Harness, ProcessClient, diagnostic_values, encode, node_parameters, start_node_process
+from ros_harness import (
+    FRAME, PROCESS_TIMEOUT_S, Harness, ProcessClient, diagnostic_values, encode, node_parameters, start_node_process,
+)
 
 pytestmark = pytest.mark.reliability
-
-
-@pytest.fixture(scope="module")
-def checkpoint(make_checkpoint) -> Path:
-    return make_checkpoint(dtype=torch.float32)
 
 
 def rss_bytes(pid: int) -> int:
@@ -52,7 +45,7 @@ class NodeProcess:
         self.process = start_node_process(checkpoint, namespace, log, **parameters)
         self.client = ProcessClient(context, namespace)
         try:
-            assert self.client.vqa.wait_for_service(timeout_sec=60), log.read_text()
+            assert self.client.vqa.wait_for_service(timeout_sec=PROCESS_TIMEOUT_S), log.read_text()
             first = self.client.answer_first(encode(FRAME, "rgb8", Time(sec=1)), "What is in the image?")
             assert first.success, first.error
         except BaseException:
@@ -219,10 +212,6 @@ def test_soak_memory_stays_flat(ros_context, checkpoint, tmp_path, figures):
 # ---- faults -------------------------------------------------------------------------------------------------------
 
 
-def configured(h: Harness) -> bool:
-    return h.node.trigger_configure() == TransitionCallbackReturn.SUCCESS
-
-
 def diagnostics_message(h: Harness, predicate: Callable[[DiagnosticStatus], bool], what: str) -> DiagnosticStatus:
     """The first status of this harness's node on /diagnostics that satisfies `predicate`."""
     statuses: list[DiagnosticStatus] = []
@@ -278,20 +267,17 @@ def test_a_corrupt_model_leaves_the_node_up_and_unconfigured_until_it_is_fixed(r
     path = copy_checkpoint(dtype=torch.float32)
     good = {name: (path / name).read_bytes() for name in ("config.json", "model.safetensors", "tokenizer.model")}
     expected = corrupt(path)
-    h = Harness(ros_context, node_parameters(path), f"corrupt_{corrupt.__name__}")
-    try:
-        assert not configured(h)
+    with Harness(ros_context, node_parameters(path), f"corrupt_{corrupt.__name__}") as h:
+        assert h.node.trigger_configure() == TransitionCallbackReturn.FAILURE
         assert h.node._state_machine.current_state[0] == State.PRIMARY_STATE_UNCONFIGURED
         assert h.thread.is_alive()
         status = diagnostics_message(h, lambda s: s.level == DiagnosticStatus.ERROR, "the configure error in diagnostics")
         assert status.message.startswith("not configured: ") and expected in status.message, status.message
         for name, data in good.items():
             (path / name).write_bytes(data)
-        assert configured(h) and h.node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+        h.activate()
         h.publish_frame(encode(FRAME, "rgb8", Time(sec=1)))
         assert h.call(h.vqa, VisualQuery.Request(question="Hi?")).success
-    finally:
-        h.close()
 
 
 def only_file(directory: Path, pattern: str) -> Path:
@@ -307,15 +293,12 @@ def test_an_artifact_corrupted_between_runs_is_rebuilt(ros_context, checkpoint, 
     engines = tmp_path / "engines"
     answers = []
     for run in range(2):
-        h = Harness(ros_context, node_parameters(checkpoint, engines_dir=str(engines), **backend), f"artifact_{run}_{pattern[:3]}")
-        try:
-            assert configured(h) and h.node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+        with Harness(ros_context, node_parameters(checkpoint, engines_dir=str(engines), **backend), f"artifact_{run}_{pattern[:3]}") as h:
+            h.activate()
             h.publish_frame(encode(FRAME, "rgb8", Time(sec=1)))
             response = h.call(h.vqa, VisualQuery.Request(question="What colour?"))
             assert response.success, response.error
             answers.append(response.answer)
-        finally:
-            h.close()
         artifact = only_file(engines, pattern)
         if run == 0:
             data = bytearray(artifact.read_bytes())
@@ -330,9 +313,8 @@ def test_an_artifact_corrupted_between_runs_is_rebuilt(ros_context, checkpoint, 
 
 
 def test_a_silent_camera_is_reported_by_requests_and_diagnostics(ros_context, checkpoint):
-    h = Harness(ros_context, node_parameters(checkpoint, max_frame_age_s=2.0), "silent")
-    try:
-        assert configured(h) and h.node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+    with Harness(ros_context, node_parameters(checkpoint, max_frame_age_s=2.0), "silent") as h:
+        h.activate()
         h.publish_frame(encode(FRAME, "rgb8", h.node.get_clock().now().to_msg()))
         assert h.call(h.vqa, VisualQuery.Request(question="Hi?")).success
         # The camera stops publishing: once its last frame is older than max_frame_age_s, both say so.
@@ -343,14 +325,11 @@ def test_a_silent_camera_is_reported_by_requests_and_diagnostics(ros_context, ch
         assert not response.success and response.error.startswith("no frame from camera 'camera' for ")
         h.publish_frame(encode(FRAME, "rgb8", h.node.get_clock().now().to_msg()))
         assert h.call(h.vqa, VisualQuery.Request(question="Hi?")).success
-    finally:
-        h.close()
 
 
 def test_an_exception_in_inference_fails_that_request_and_the_next_is_answered(ros_context, checkpoint, monkeypatch):
-    h = Harness(ros_context, node_parameters(checkpoint), "injected")
-    try:
-        assert configured(h) and h.node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+    with Harness(ros_context, node_parameters(checkpoint), "injected") as h:
+        h.activate()
         h.publish_frame(encode(FRAME, "rgb8", Time(sec=1)))
         session = h.node.vlm.session
         faults = iter([RuntimeError("injected fault")])
@@ -367,26 +346,3 @@ def test_an_exception_in_inference_fails_that_request_and_the_next_is_answered(r
         assert h.node.worker.alive and h.thread.is_alive()
         answered = h.call(h.vqa, VisualQuery.Request(question="Hi?"))
         assert answered.success, answered.error
-    finally:
-        h.close()
-
-
-def test_a_failing_result_callback_costs_only_its_response(make_checkpoint):
-    """The worker survives a `done` callback that raises (a response that could not be delivered)."""
-    from mobilevlm_ros.runtime.vlm import MobileVLM
-
-    worker = InferenceWorker(MobileVLM.from_pretrained(make_checkpoint(dtype=torch.float32), device="cpu"), 8, "{instruction} {actions}")
-    frame = Frame("camera", Image(height=4, width=4, encoding="mono8", step=4, data=bytes(16)), 0)
-    answered = threading.Event()
-
-    def undeliverable(result: Result) -> None:
-        raise RuntimeError("the client went away")
-
-    worker.start()
-    try:
-        worker.submit(Request("camera", "Hi?", frame, params=SamplingParams(max_new_tokens=1), done=undeliverable))
-        worker.submit(Request("camera", "Hi?", frame, params=SamplingParams(max_new_tokens=1), done=lambda r: r.success and answered.set()))
-        assert answered.wait(TIMEOUT_S)
-        assert worker.alive
-    finally:
-        worker.stop()

@@ -4,18 +4,18 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from mobilevlm_ros.errors import PromptError
-from mobilevlm_ros.model.prompt import SYSTEM_PROMPT
+from mobilevlm_ros.model.prompt import IMAGE_TOKEN_INDEX, SYSTEM_PROMPT
 from mobilevlm_ros.runtime.sampling import SamplingParams
 from mobilevlm_ros.runtime.session import TextAssembler
 from mobilevlm_ros.runtime.vlm import MobileVLM
+from reference import greedy_tokens, option_scores
+from tiny_checkpoint import CONTEXT_LENGTH, IMAGE_TOKENS
 
-
-@pytest.fixture(scope="module")
-def vlm(make_checkpoint) -> MobileVLM:
-    return MobileVLM.from_pretrained(make_checkpoint(dtype=torch.float32), device="cpu")
+QUESTION = "What is in the image?"
+ACTIONS = ["move_forward", "turn_left", "turn_right", "stop"]
+SCORE_TOLERANCE = 1e-3  # fp32 log-likelihoods of a few tokens, cached against uncached
 
 
 @pytest.fixture(scope="module")
@@ -23,40 +23,26 @@ def image() -> np.ndarray:
     return np.random.default_rng(3).integers(0, 256, (120, 200, 3), dtype=np.uint8)
 
 
-def full_logits(vlm: MobileVLM, image: np.ndarray, after_image_ids: list[int]) -> torch.Tensor:
-    """Reference: the whole sequence [BOS, system, USER:, image, after_image_ids] in one uncached forward pass."""
-    before = [vlm.tokenizer.bos_id] + vlm.tokenizer.encode(f"{SYSTEM_PROMPT} USER: ")
-    llm = vlm.language.model
-    embed = llm.get_input_embeddings()
-    with torch.no_grad():
-        embeds = torch.cat([embed(torch.tensor(before)), vlm.encode_image(image)[0], embed(torch.tensor(after_image_ids, dtype=torch.long))])
-        return llm(inputs_embeds=embeds[None]).logits[0]
-
-
-def greedy_reference(vlm, image, question_ids: list[int], steps: int) -> list[int]:
-    tokens: list[int] = []
-    for _ in range(steps):
-        token = int(full_logits(vlm, image, question_ids + tokens)[-1].argmax())
-        if token == vlm.tokenizer.eos_id:
-            break
-        tokens.append(token)
-    return tokens
+def with_image(vlm: MobileVLM, after_image: list[int]) -> list[int]:
+    """[BOS, system prompt, "USER: ", image placeholder] followed by `after_image`, the ids of what comes after it."""
+    return [vlm.tokenizer.bos_id] + vlm.tokenizer.encode(f"{SYSTEM_PROMPT} USER: ") + [IMAGE_TOKEN_INDEX] + after_image
 
 
 def test_session_tokens_are_upstreams_prompt(vlm, image):
-    """Prefix + question ids equal the whole prompt tokenized with upstream's rule (so the logits agree)."""
-    ids = vlm.prompt_ids("What is in the image?")
-    placeholder = ids.index(-200)
+    """Prefix + question ids equal the whole prompt tokenized with upstream's rule: the session scores answers as one
+    pass over that prompt does, and counts its tokens (the placeholder becomes the image's tokens)."""
+    ids = vlm.prompt_ids(QUESTION)
     session = vlm.session(image)
-    _, logits = session._start_turn("What is in the image?")
-    torch.testing.assert_close(logits, full_logits(vlm, image, ids[placeholder + 1:])[-1], atol=1e-4, rtol=0)
-    assert session.prompt_tokens == len(ids) - 1 + 144
+    choice = session.choose(QUESTION, ACTIONS)
+    assert choice.scores == pytest.approx(option_scores(vlm, ids, vlm.encode_image(image), ACTIONS), abs=SCORE_TOLERANCE)
+    assert session.prompt_tokens == len(ids) - 1 + IMAGE_TOKENS
 
 
 def test_cached_greedy_equals_recomputing_everything(vlm, image):
     session = vlm.session(image)
-    ours = list(session.generate("What is in the image?", SamplingParams(max_new_tokens=10)))
-    assert ours == greedy_reference(vlm, image, vlm.tokenizer.encode("\nWhat is in the image? ASSISTANT:"), 10)
+    ours = list(session.generate(QUESTION, SamplingParams(max_new_tokens=10)))
+    question = vlm.tokenizer.encode(f"\n{QUESTION} ASSISTANT:")
+    assert ours == greedy_tokens(vlm, with_image(vlm, question), vlm.encode_image(image), 10)
 
 
 def test_reused_session_answers_like_a_fresh_one(vlm, image):
@@ -114,22 +100,15 @@ def test_history_continues_upstreams_conversation_template(vlm, image):
     tok = vlm.tokenizer
     # "...USER: <image>\nq1 ASSISTANT: a1</s>USER: q2 ASSISTANT:", with a1 the generated ids.
     history = tok.encode("\nHow many shapes? ASSISTANT:") + first + [tok.eos_id] + tok.encode("USER: And their colour? ASSISTANT:")
-    assert second == greedy_reference(vlm, image, history, 4)
+    assert second == greedy_tokens(vlm, with_image(vlm, history), vlm.encode_image(image), 4)
 
 
 def test_choose_ranks_like_brute_force_scoring(vlm, image):
-    options = ["move_forward", "turn_left", "turn_right", "stop"]
-    choice = vlm.session(image).choose("Go to the red square.", options)
-    tok = vlm.tokenizer
-    question = tok.encode("\nGo to the red square. ASSISTANT:")
-    expected = {}
-    for option in options:
-        ids = tok.encode(option) + [tok.eos_id]
-        logits = full_logits(vlm, image, question + ids)[-len(ids) - 1 : -1]
-        expected[option] = float(torch.log_softmax(logits, -1)[torch.arange(len(ids)), ids].sum())
+    choice = vlm.session(image).choose("Go to the red square.", ACTIONS)
+    question = vlm.tokenizer.encode("\nGo to the red square. ASSISTANT:")
+    expected = option_scores(vlm, with_image(vlm, question), vlm.encode_image(image), ACTIONS)
     assert choice.scores.keys() == expected.keys()
-    for option in options:
-        assert choice.scores[option] == pytest.approx(expected[option], abs=1e-3)
+    assert choice.scores == pytest.approx(expected, abs=SCORE_TOLERANCE)
     assert choice.option == max(expected, key=expected.get)
     probabilities = [math.exp(s) for s in choice.scores.values()]
     assert sum(p / sum(probabilities) for p in probabilities) == pytest.approx(1.0)
@@ -160,10 +139,10 @@ def test_bad_options(vlm, image, options, message):
 
 def test_prompt_longer_than_the_context_names_the_limit(vlm, image):
     session = vlm.session(image)
-    with pytest.raises(PromptError, match=r"prompt is \d+ tokens with the image; the context holds 1024"):
-        session.ask("why " * 2000)
-    with pytest.raises(PromptError, match="the context holds 1024"):
-        session.choose("why " * 2000, ["yes", "no"])
+    with pytest.raises(PromptError, match=rf"prompt is \d+ tokens with the image; the context holds {CONTEXT_LENGTH}"):
+        session.ask("why " * CONTEXT_LENGTH)
+    with pytest.raises(PromptError, match=f"the context holds {CONTEXT_LENGTH}"):
+        session.choose("why " * CONTEXT_LENGTH, ["yes", "no"])
     assert session.ask("Still fine?", SamplingParams(max_new_tokens=2)).generated_tokens <= 2
 
 
@@ -171,7 +150,7 @@ def test_generation_stops_at_the_end_of_the_context(vlm, image):
     session = vlm.session(image)
 
     def room(question: str) -> int:
-        return 1024 - session.prefix_length - len(vlm.tokenizer.encode(f"\n{question} ASSISTANT:"))
+        return CONTEXT_LENGTH - session.prefix_length - len(vlm.tokenizer.encode(f"\n{question} ASSISTANT:"))
 
     words = 1
     while room("word " * (words + 1)) > 4:

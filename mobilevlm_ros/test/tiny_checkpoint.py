@@ -33,6 +33,9 @@ TINY_LLAMA = dict(
     max_position_embeddings=1024, rms_norm_eps=1e-6, rope_theta=10000.0, hidden_act="silu",
     bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
 )
+# What a default tiny checkpoint gives the language model: ldpnetv2 pools the tower's 24x24 patch grid to 12x12 tokens.
+IMAGE_TOKENS = (TINY_CLIP["image_size"] // TINY_CLIP["patch_size"] // 2) ** 2
+CONTEXT_LENGTH = TINY_LLAMA["max_position_embeddings"]
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 VISION_PREFIX = "model.vision_tower.vision_tower."
