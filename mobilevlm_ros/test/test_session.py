@@ -8,14 +8,20 @@ import torch
 
 from mobilevlm_ros.errors import PromptError
 from mobilevlm_ros.model.prompt import SYSTEM_PROMPT
+from mobilevlm_ros.runtime.language import TorchLanguageModel
 from mobilevlm_ros.runtime.sampling import SamplingParams
 from mobilevlm_ros.runtime.session import TextAssembler
 from mobilevlm_ros.runtime.vlm import MobileVLM
 
 
-@pytest.fixture(scope="module")
-def vlm(make_checkpoint) -> MobileVLM:
-    return MobileVLM.from_pretrained(make_checkpoint(dtype=torch.float32), device="cpu")
+@pytest.fixture(scope="module", params=["dynamic", "static"])
+def vlm(make_checkpoint, request) -> MobileVLM:
+    """On the CPU's default dynamic caches, and on CUDA's default: one static buffer shared by every session (without
+    the CUDA graph here), so every check below also holds where sessions take turns in one buffer."""
+    vlm = MobileVLM.from_pretrained(make_checkpoint(dtype=torch.float32), device="cpu")
+    if request.param == "static":
+        vlm.language = TorchLanguageModel(vlm.language.model, vlm.config.context_length, static_cache=True)
+    return vlm
 
 
 @pytest.fixture(scope="module")
