@@ -73,10 +73,15 @@ def calibration_fingerprint(batches: Sequence[torch.Tensor]) -> str:
 
 
 def gpu_description(device: torch.device) -> str:
-    """What an engine is tied to besides the TensorRT version: the GPU model and its compute capability."""
-    index = device.index or 0
-    major, minor = torch.cuda.get_device_capability(index)
-    return f"cuda:{torch.cuda.get_device_name(index)} sm_{major}{minor}"
+    """What an engine is tied to besides the TensorRT version: the GPU model, its compute capability, SM count and
+    memory (whole GiB). Jetson Orin modules share one name and sm_87; the SM count and memory tell AGX Orin (16 or 14
+    SMs, 64 or 32 GB), Orin NX 16 GB, Orin Nano 8 GB and 4 GB apart, for which TensorRT picks tactics differently
+    (Orin NX 8 GB and Orin Nano 8 GB, both 8 SMs and 8 GB, share a key). Clocks (power modes, "Super") are left out:
+    an engine stays valid across them."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    properties = torch.cuda.get_device_properties(index)
+    return (f"cuda:{properties.name} sm_{properties.major}{properties.minor} {properties.multi_processor_count} SMs "
+            f"{round(properties.total_memory / 2**30)} GiB")
 
 
 @dataclass(frozen=True)
