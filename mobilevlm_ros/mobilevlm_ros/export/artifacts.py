@@ -21,16 +21,18 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import struct
 import time
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from mobilevlm_ros.choices import engine_build_policy
 from mobilevlm_ros.errors import ArtifactError
 
 logger = logging.getLogger(__name__)
@@ -170,27 +172,47 @@ def get_or_build(
     key: ArtifactKey,
     build_fn: Callable[[Path], Mapping[str, Any] | None],
     engines_dir: str | Path | None = None,
-    build: bool = True,
+    build: bool | str = True,
+    path: str | Path | None = None,
+    command: str | None = None,
 ) -> Artifact:
     """The artifact for `key`: the cached file when its manifest matches and it verifies, else `build_fn(path)` writes
-    a new one (its returned mapping is recorded under the manifest's "details"). With `build=False` a miss raises
-    ArtifactError naming what is wrong, for deployments that must never spend minutes building at startup."""
+    a new one (its returned mapping is recorded under the manifest's "details").
+
+    `build` is the policy (choices.ENGINE_BUILD; True/False mean if_missing/never): with "never" a miss raises an
+    ArtifactError naming what is wrong and `command`, the `mobilevlm build` line that makes the artifact (for
+    deployments that must never spend minutes building at startup); "always" rebuilds even a valid one. `path` puts
+    the artifact (and its manifest, `<path>.json`) at a file of the caller's choosing instead of
+    `<engines_dir>/<key.filename>`; it is checked the same way."""
+    policy = engine_build_policy(build)
     directory = Path(engines_dir) if engines_dir is not None else default_engines_dir()
-    path = directory / key.filename
+    path = Path(path) if path is not None else directory / key.filename
     manifest, problem = inspect(path, key)
-    if problem is None:
+    if problem is None and policy != "always":
         logger.debug("artifact cache hit: %s", path)
         return Artifact(path, manifest, built=False)
-    if not build:
-        raise ArtifactError(f"{path}: {problem}, and building is disabled (build it first, e.g. with `mobilevlm build`)")
-    directory.mkdir(parents=True, exist_ok=True)
+    if policy == "never":
+        how = f"`{command}`" if command else "`mobilevlm build`"
+        raise ArtifactError(f"{path}: {problem}, and building is disabled (engine build policy never): build it first with {how}")
+    path.parent.mkdir(parents=True, exist_ok=True)
     with _build_lock(path):
         manifest, problem = inspect(path, key)  # another process may have built it while this one waited
-        if problem is None:
+        if problem is None and policy != "always":
             logger.info("artifact %s was built by another process", path)
             return Artifact(path, manifest, built=False)
-        logger.info("building %s: %s", path, problem)
+        logger.info("building %s: %s", path, problem or "the engine build policy is always")
         return Artifact(path, _build(path, key, build_fn), built=True)
+
+
+def build_command(model_dir: str | Path, what: Sequence[str], engines_dir: str | Path | None, path: str | Path | None = None) -> str:
+    """The `mobilevlm build` line that makes an artifact: `what` are its flags (e.g. `--vision tensorrt --precision
+    fp16`); the model, the engines directory (resolved, so the line is exact whoever runs it) and `path` are spelled out.
+    In a colcon workspace the command is `ros2 run mobilevlm_ros mobilevlm build ...`."""
+    engines = Path(engines_dir) if engines_dir is not None else default_engines_dir()
+    words = ["mobilevlm", "build", "--model", str(Path(model_dir).resolve()), *what, "--engines-dir", str(engines.resolve())]
+    if path is not None:
+        words += ["--engine-path", str(Path(path).resolve())]
+    return shlex.join(words)
 
 
 def inspect(path: Path, key: ArtifactKey) -> tuple[dict[str, Any], str | None]:

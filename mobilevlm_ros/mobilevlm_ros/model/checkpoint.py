@@ -31,7 +31,7 @@ from transformers.initialization import no_init_weights
 
 from mobilevlm_ros.errors import CheckpointError, ConfigError
 from mobilevlm_ros.model.config import MobileVLMConfig, load_config
-from mobilevlm_ros.model.mobilevlm import MobileLlamaForCausalLM
+from mobilevlm_ros.model.mobilevlm import MobileLlamaForCausalLM, VisionPath
 from mobilevlm_ros.model.preprocess import ImageProcessor
 from mobilevlm_ros.model.prompt import Tokenizer, load_tokenizer
 from mobilevlm_ros.model.vision import CLIP_VIT_L_14_336
@@ -61,24 +61,67 @@ class LoadedCheckpoint:
 
 
 def load_checkpoint(
-    model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", with_language_model: bool = True
+    model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", with_language_model: bool = True,
+    with_vision: bool = True,
 ) -> LoadedCheckpoint:
     """Everything needed to run the checkpoint in `model_dir`, in `dtype` on `device`.
 
     `with_language_model=False` loads only the vision tower and projector, for a language backend that has its own
     copy of the LLM (a GGUF): the LLM's weights are never read and its parameters stay on the meta device.
+    `with_vision=False` leaves the vision tower and projector out, for a vision backend that runs its own compiled copy
+    (an ONNX graph, a TensorRT engine, an mmproj): their weights are never read and the model has no `vision_path`.
+    The image processor comes with either.
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ConfigError(f"{model_dir}: not a directory")
     config = load_config(model_dir)
     tokenizer = load_tokenizer(model_dir)
-    keep = None if with_language_model else is_vision_key
+    keep = _keep(with_language_model, with_vision)
     device = torch.device(device)
     weights, sources = read_weights(model_dir, keep, dtype, device)
 
     tower_dir = resolve_vision_tower_dir(config.mm_vision_tower, model_dir)
     vision_config = load_vision_config(config, tower_dir)
+    if with_vision:
+        _take_vision_tower(weights, sources, config, model_dir, tower_dir, dtype, device)
+
+    with parameters_on_meta(), no_init_weights():
+        model = MobileLlamaForCausalLM(config, vision_config)
+    check_state_dict(model, weights, sources, model_dir, keep)
+    model.load_state_dict(weights, assign=True, strict=keep is None)
+    del weights
+    if not with_vision:
+        model.release_vision_path()
+    # The parameters are on the device already; the buffers made at construction follow them. Without the language
+    # model its parameters stay on the meta device (a GGUF runs it), and only the vision path moves.
+    if with_language_model:
+        model.to(device)
+    elif with_vision:
+        model.vision_path.to(device)
+    model.eval()
+
+    image_processor = ImageProcessor.from_tower_dir(tower_dir, vision_config.image_size, config.image_aspect_ratio == "pad")
+    return LoadedCheckpoint(model, tokenizer, image_processor, config)
+
+
+def _keep(with_language_model: bool, with_vision: bool) -> Callable[[str], bool] | None:
+    """Which checkpoint keys to read (None: all)."""
+    if with_language_model and with_vision:
+        return None
+    if with_vision:
+        return is_vision_key
+    if with_language_model:
+        return lambda key: not is_vision_key(key)
+    return lambda key: False
+
+
+def _take_vision_tower(
+    weights: dict[str, torch.Tensor], sources: dict[str, str], config: MobileVLMConfig, model_dir: Path, tower_dir: Path | None,
+    dtype: torch.dtype, device: torch.device,
+) -> None:
+    """Make `weights` hold the vision tower upstream would load: for V2 the copy stored in the checkpoint; for v1 the
+    CLIP of `mm_vision_tower` (the stored copy is dropped), or the stored copy when that directory is not on disk."""
     stored = [key for key in weights if key.startswith(VISION_TOWER_PREFIX)]
     tower_dir_has_weights = tower_dir is not None and has_weights(tower_dir)
     if tower_dir_has_weights and not (stored and config.is_v2):
@@ -90,25 +133,24 @@ def load_checkpoint(
         for key, tensor in clip_vision_weights(tower_weights, tower_dir).items():
             weights[VISION_TOWER_PREFIX + key] = tensor
             sources[VISION_TOWER_PREFIX + key] = str(tower_dir / tower_sources[key])
-        del tower_weights
     elif not stored:
         where = f"{tower_dir} has no weights" if tower_dir else f"{config.mm_vision_tower!r} is not a local directory"
         raise CheckpointError(f"{model_dir}: no vision tower weights: none stored in the checkpoint and {where}")
     elif not config.is_v2 and tower_dir is None:
         logger.warning("v1 checkpoint: %r is not on disk; using the vision tower weights stored in the checkpoint", config.mm_vision_tower)
 
-    with parameters_on_meta(), no_init_weights():
-        model = MobileLlamaForCausalLM(config, vision_config)
-    check_state_dict(model, weights, sources, model_dir, keep)
-    model.load_state_dict(weights, assign=True, strict=with_language_model)
-    del weights
-    # The parameters are on the device already; the buffers made at construction follow them. Without the language
-    # model its parameters stay on the meta device (a GGUF runs it), and only the vision path moves.
-    (model if with_language_model else model.vision_path).to(device)
-    model.eval()
 
-    image_processor = ImageProcessor.from_tower_dir(tower_dir, vision_config.image_size, config.image_aspect_ratio == "pad")
-    return LoadedCheckpoint(model, tokenizer, image_processor, config)
+def load_vision_path(model_dir: str | Path) -> VisionPath:
+    """The checkpoint's vision tower + projector alone, in fp32 on the CPU: what ONNX export and mmproj writing read
+    when no loaded model is at hand (building an artifact before the language model loads)."""
+    return load_checkpoint(model_dir, with_language_model=False).model.vision_path
+
+
+def vision_tower_config(model_dir: str | Path) -> CLIPVisionConfig:
+    """The vision tower's config (image size, width) from the checkpoint's files, without reading any weights."""
+    model_dir = Path(model_dir)
+    config = load_config(model_dir)
+    return load_vision_config(config, resolve_vision_tower_dir(config.mm_vision_tower, model_dir))
 
 
 def is_vision_key(key: str) -> bool:
