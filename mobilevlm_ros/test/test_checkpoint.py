@@ -60,6 +60,26 @@ def test_v1_reloads_the_tower_from_mm_vision_tower_like_upstream(make_checkpoint
     assert "stored in the checkpoint is ignored" in caplog.text
 
 
+def test_v1_never_reads_the_stored_tower_copy(make_checkpoint, monkeypatch):
+    """The copy upstream ignores is not read at all (on CUDA it would take device memory until dropped)."""
+    from mobilevlm_ros.model import checkpoint as checkpoint_module
+
+    path = make_checkpoint(projector_type="ldpnet")
+    assert any(key.startswith(VISION_TOWER_PREFIX) for key in read_weights(path)[0])  # the checkpoint stores one
+    read = []
+    real_read = checkpoint_module.read_weight_file
+
+    def recording(*args, **kwargs):
+        tensors = real_read(*args, **kwargs)
+        read.extend(tensors)
+        return tensors
+
+    monkeypatch.setattr(checkpoint_module, "read_weight_file", recording)
+    load_checkpoint(path)
+    assert read and not [key for key in read if key.startswith(VISION_TOWER_PREFIX)]
+    assert any(key.startswith("vision_model.") for key in read)  # from the tower directory
+
+
 def test_v2_without_stored_tower_loads_it_from_the_tower_directory(make_checkpoint):
     path = make_checkpoint(projector_type="ldpnetv2", store_tower=False)
     tower = load_file(path / "clip-vit-tiny" / "model.safetensors")

@@ -79,10 +79,14 @@ def load_checkpoint(
     tokenizer = load_tokenizer(model_dir)
     keep = _keep(with_language_model, with_vision)
     device = torch.device(device)
-    weights, sources = read_weights(model_dir, keep, dtype, device)
-
     tower_dir = resolve_vision_tower_dir(config.mm_vision_tower, model_dir)
     vision_config = load_vision_config(config, tower_dir)
+    read_keep = keep
+    if with_vision and not config.is_v2 and tower_dir is not None and has_weights(tower_dir):
+        # v1 takes the tower from `mm_vision_tower`: a copy stored in the checkpoint is never read
+        logger.info("v1 checkpoint: vision tower weights from %s (as upstream; any copy stored in the checkpoint is ignored)", tower_dir)
+        read_keep = lambda key: not key.startswith(VISION_TOWER_PREFIX) and (keep is None or keep(key))  # noqa: E731
+    weights, sources = read_weights(model_dir, read_keep, dtype, device)
     if with_vision:
         _take_vision_tower(weights, sources, config, model_dir, tower_dir, dtype, device)
 
@@ -122,13 +126,9 @@ def _take_vision_tower(
 ) -> None:
     """Make `weights` hold the vision tower upstream would load: for V2 the copy stored in the checkpoint; for v1 the
     CLIP of `mm_vision_tower` (the stored copy is dropped), or the stored copy when that directory is not on disk."""
-    stored = [key for key in weights if key.startswith(VISION_TOWER_PREFIX)]
+    stored = [key for key in weights if key.startswith(VISION_TOWER_PREFIX)]  # none for v1 with a tower directory
     tower_dir_has_weights = tower_dir is not None and has_weights(tower_dir)
     if tower_dir_has_weights and not (stored and config.is_v2):
-        if stored:
-            logger.info("v1 checkpoint: vision tower weights from %s; the copy stored in the checkpoint is ignored (as upstream)", tower_dir)
-        for key in stored:
-            del weights[key], sources[key]
         tower_weights, tower_sources = read_weights(tower_dir, lambda key: key.startswith("vision_model."), dtype, device)
         for key, tensor in clip_vision_weights(tower_weights, tower_dir).items():
             weights[VISION_TOWER_PREFIX + key] = tensor

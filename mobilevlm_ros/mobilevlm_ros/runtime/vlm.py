@@ -11,7 +11,7 @@ from PIL import Image
 
 from mobilevlm_ros import choices
 from mobilevlm_ros.choices import AUTO, IMAGE_MODES, LANGUAGE_BACKENDS, check_choice
-from mobilevlm_ros.errors import PromptError
+from mobilevlm_ros.errors import ConfigError, PromptError
 from mobilevlm_ros.model.config import MobileVLMConfig
 from mobilevlm_ros.model.preprocess import ChannelOrder, ImageInput, ImageProcessor, to_pil_rgb
 from mobilevlm_ros.model.prompt import IMAGE_PLACEHOLDER, Tokenizer, build_prompt, check_question, tiled_image_text, tokenize_with_image
@@ -82,8 +82,9 @@ class MobileVLM:
         `<file>.json`) instead of the cache's name: an engine built ahead with `mobilevlm build --engine-path`.
 
         `language="llamacpp"` runs the LLM from a GGUF (`quant`: q4_k_s, q4_k_m, q8_0, f16, f32); torch then loads no
-        LLM weights, only the vision tower and projector (in `dtype` on `device`) when torch runs the vision. Its sessions share one
-        KV buffer of the context length, at most 4 open at once (BackendError beyond; a dropped session frees its place).
+        LLM weights, only the vision tower and projector (in `dtype` on `device`) when torch runs the vision. Its
+        sessions share one KV buffer of the context length, at most 4 open at once (BackendError beyond; a dropped
+        session frees its place). The torch backend's sessions share one static KV buffer on CUDA (any number open).
         `llama_amx` lets llama.cpp use its AMX weight buffers; None (the default) does only on CPUs without AMX, because
         its AMX matmul crashes on some Intel CPUs that have it (ggml.py; CPU repacking stays on).
         `vision="onnxruntime"` runs the exported vision graph (`vision_precision` fp32, the default, or int8),
@@ -97,6 +98,8 @@ class MobileVLM:
         check_choice("language backend", language, LANGUAGE_BACKENDS)
         precision = choices.vision_precision(vision, vision_precision)  # a bad combination fails before anything loads
         policy = choices.engine_build_policy(build)
+        if not Path(path).is_dir():
+            raise ConfigError(f"{path}: not a directory")
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         started = time.perf_counter()
