@@ -94,7 +94,8 @@ def checks() -> list[Check]:
         results.append(Check("llamacpp (language)", True, f"llama-cpp-python {llama_cpp.__version__}; {offload}; {buffers}"))
         mtmd = _importable("llama_cpp.mtmd_cpp")
         where = f"on {', '.join(gpus)}" if gpus else "on the CPU (a CPU-only build)"
-        results.append(Check("ggml (vision)", mtmd is None, mtmd or f"llama.cpp's mtmd (libmtmd) {where}; no extra CPU buffer types (the AMX setting does not apply)"))
+        results.append(Check("ggml (vision)", mtmd is None,
+                             mtmd or f"llama.cpp's mtmd (libmtmd) {where}; no extra CPU buffer types (the AMX setting does not apply)"))
 
     ros = _importable("rclpy") or _importable("mobilevlm_interfaces.srv")
     distro = os.environ.get("ROS_DISTRO", "ROS 2 from PyPI wheels")

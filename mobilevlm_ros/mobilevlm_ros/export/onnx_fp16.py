@@ -200,4 +200,5 @@ def fp16_onnx_artifact(vision: VisionPath | None, model_dir: Path, engines_dir: 
                "fp16_pass": FP16_PASS_VERSION, "kept_fp32_ops": list(KEEP_FP32_OPS)},
     )
     command = build_command(model_dir, ["--vision", "tensorrt", "--precision", "fp16"], engines_dir)
-    return get_or_build(key, lambda path: write_fp16_graph(source.path, path, key.filename + ".data"), engines_dir, build, command=command)
+    return get_or_build(key, lambda path: write_fp16_graph(source.path, path, key.filename + ".data"), engines_dir, build,
+                        command=command)

@@ -84,7 +84,8 @@ def load_checkpoint(
     read_keep = keep
     if with_vision and not config.is_v2 and tower_dir is not None and has_weights(tower_dir):
         # v1 takes the tower from `mm_vision_tower`: a copy stored in the checkpoint is never read
-        logger.info("v1 checkpoint: vision tower weights from %s (as upstream; any copy stored in the checkpoint is ignored)", tower_dir)
+        logger.info("v1 checkpoint: vision tower weights from %s (as upstream; any copy stored in the checkpoint is ignored)",
+                    tower_dir)
         read_keep = lambda key: not key.startswith(VISION_TOWER_PREFIX) and (keep is None or keep(key))  # noqa: E731
     weights, sources = read_weights(model_dir, read_keep, dtype, device)
     if with_vision:

@@ -103,7 +103,8 @@ class MobileVLM:
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         started = time.perf_counter()
-        language_file, vision_file = resolve_artifacts(Path(path), language, quant, vision, precision, engines_dir, policy, engine_path)
+        language_file, vision_file = resolve_artifacts(Path(path), language, quant, vision, precision, engines_dir, policy,
+                                                       engine_path)
         checkpoint, language_backend = load_language(path, language, device, dtype, language_file, int8, llama_amx,
                                                      with_vision=vision == "torch")
         vision_backend = open_vision(vision, vision_file, checkpoint.model, device)
