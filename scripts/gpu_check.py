@@ -8,18 +8,24 @@ tower, the ONNX exports and TensorRT work and how fast, at MobileVLM 1.7B's dime
 Sections (each in its own try/except: a failure is recorded with its traceback and the rest still run; the JSON is
 rewritten after every section, so a run cut short keeps what it measured):
   versions        torch, CUDA, GPU name / SM / SM count / memory, TensorRT (and what it builds), ONNX Runtime providers,
-                  llama-cpp-python and whether it has GPU offload
+                  llama-cpp-python, whether it has GPU offload and its GPU devices
   checkpoint      a random checkpoint of the size (mobilevlm_ros.bench.write_random_checkpoint), reused across runs
-  load            MobileVLM.from_pretrained on the device (fp16 on CUDA, fp32 on the CPU)
+  load            MobileVLM.from_pretrained on the device (fp16 on CUDA, fp32 on the CPU): the weights' size, the peak of
+                  CUDA memory allocated and of host RSS growth while loading (weights go straight to the device: both
+                  about one copy of the weights, the host's near zero on CUDA)
   decode          greedy decode, static KV cache with the CUDA-graph step vs eager (dynamic cache): identical tokens?
                   tokens/s of each (MobileLLaMA-1.4B dims for --size 1.7b)
-  sessions        5 sessions in a row (a frame each, one answer each): GPU memory allocated / reserved / peak after each
+  sessions        5 sessions in a row (a frame each, one answer each): GPU memory allocated / reserved / peak after each,
+                  and whether all of them used the backend's one static KV buffer and one captured decode graph
   vision          tower + projector latency at batch 1 and 7 in the model's dtype (fp16 on CUDA)
   onnx            export at opset 17 and 16, each loaded in ONNX Runtime and compared with torch fp32; the fp16 graph
                   TensorRT 11 builds from, compared with the fp32 graph
   tensorrt        when `tensorrt` imports and CUDA is there: fp16 and fp32 engines built and run at batch 1 and 7,
                   compared with torch fp32 (else skipped, with the reason)
   choose          Session.choose latency with 4 options
+  llamacpp        when llama-cpp-python has a GPU backend: the Q4_K_S GGUF of the checkpoint (built once into the work
+                  directory), every layer offloaded, flash attention automatic: where the weights went, prefill and
+                  decode tokens/s (else skipped, with the reason)
 The whole run stays within --budget-s (default 480 s): a section that would start past it is skipped and says so.
 """
 
@@ -172,7 +178,10 @@ def versions(check: Check) -> dict[str, Any]:
     try:
         import llama_cpp
 
-        info["llama_cpp_python"] = {"version": llama_cpp.__version__, "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload())}
+        from mobilevlm_ros.ggml import gpu_devices
+
+        info["llama_cpp_python"] = {"version": llama_cpp.__version__, "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
+                                    "gpu_devices": gpu_devices()}
     except Exception as error:  # a broken native library raises more than ImportError
         info["llama_cpp_python"] = f"not importable: {type(error).__name__}: {error}"
     return info
@@ -188,6 +197,24 @@ def checkpoint(check: Check) -> dict[str, Any]:
     return {"path": str(directory), "reused": existed, "size_mb": round(size / 1e6, 1)}
 
 
+def proc_status(field: str) -> int | None:
+    """A /proc/self/status figure in bytes (VmRSS, VmHWM), None where there is no such file."""
+    try:
+        with open("/proc/self/status") as lines:
+            return next(int(line.split()[1]) * 1024 for line in lines if line.startswith(field + ":"))
+    except (OSError, StopIteration):
+        return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux: `5` into clear_refs), so a later VmHWM is this step's peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def load(check: Check) -> dict[str, Any]:
     import torch
 
@@ -195,12 +222,22 @@ def load(check: Check) -> dict[str, Any]:
 
     device = cuda_device(check.args)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    allocated_before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    rss_before, peak_reset = proc_status("VmRSS"), reset_peak_rss()
     started = time.perf_counter()
     vlm = MobileVLM.from_pretrained(check.state["checkpoint"], device=device, dtype=dtype)
     check.state["vlm"] = vlm
-    result = {"device": str(device), "dtype": str(dtype), "load_s": round(time.perf_counter() - started, 2)}
+    load_s = time.perf_counter() - started
+    weights = sum(t.numel() * t.element_size() for module in (vlm.language.model,) for t in module.state_dict().values())
+    result = {"device": str(device), "dtype": str(dtype), "load_s": round(load_s, 2), "weights_mb": round(weights / 2**20, 1)}
+    if peak_reset and rss_before is not None:
+        result["host_peak_rss_growth_mb"] = round((proc_status("VmHWM") - rss_before) / 2**20, 1)
     if device.type == "cuda":
-        result["allocated_mb"] = round(torch.cuda.memory_allocated(device) / 2**20, 1)
+        peak = torch.cuda.max_memory_allocated(device) - allocated_before
+        result |= {"allocated_mb": round(torch.cuda.memory_allocated(device) / 2**20, 1), "cuda_peak_mb": round(peak / 2**20, 1),
+                   "cuda_peak_over_weights": round(peak / weights, 3)}
     return result
 
 
@@ -261,6 +298,7 @@ def sessions(check: Check) -> dict[str, Any]:
     image = frame()
     rows = []
     session = None
+    static = getattr(vlm.language, "static_cache", False)
     for index in range(5):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -275,10 +313,21 @@ def sessions(check: Check) -> dict[str, Any]:
                     "peak_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1)}
         else:
             row["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        if static:
+            shared = vlm.language.shared_static_cache()
+            row["kv_buffer"] = shared.cache.layers[0].keys.data_ptr() if shared.cache.layers[0].is_initialized else None
+            row["decode_graph"] = id(shared._graph) if shared._graph is not None else None
         rows.append(row)
     del session
     gc.collect()
-    return {"sessions": rows, "gpu_memory": "measured" if device.type == "cuda" else "skipped: no CUDA (peak RSS instead)"}
+    result = {"sessions": rows, "gpu_memory": "measured" if device.type == "cuda" else "skipped: no CUDA (peak RSS instead)"}
+    if static:
+        result["one_kv_buffer"] = len({row["kv_buffer"] for row in rows}) == 1
+        result["one_decode_graph"] = len({row["decode_graph"] for row in rows}) == 1 if device.type == "cuda" else \
+            "skipped: no CUDA (no graph)"
+    else:
+        result["one_kv_buffer"] = "skipped: dynamic KV caches (the language backend's default on the CPU)"
+    return result
 
 
 def vision(check: Check) -> dict[str, Any]:
@@ -417,6 +466,44 @@ def choose(check: Check) -> dict[str, Any]:
     return {"options": len(OPTIONS), "median_ms": round(seconds * 1e3, 2), "chosen": choice.option}
 
 
+def llamacpp(check: Check) -> dict[str, Any]:
+    try:
+        import llama_cpp
+    except Exception as error:  # a broken native library raises more than ImportError
+        raise Skip(f"llama-cpp-python does not import ({type(error).__name__}: {error})") from error
+    if not llama_cpp.llama_supports_gpu_offload():
+        raise Skip(f"llama-cpp-python {llama_cpp.__version__} has no GPU backend (a CPU-only build; README: llama.cpp on a Jetson)")
+    import torch
+
+    from mobilevlm_ros.export.gguf import llm_gguf_artifact
+    from mobilevlm_ros.ggml import gpu_devices
+    from mobilevlm_ros.runtime.llamacpp import LlamaCppLanguageModel
+
+    started = time.perf_counter()
+    artifact = llm_gguf_artifact(check.state["checkpoint"], "q4_k_s", Path(check.args.work_dir) / f"engines-{check.args.size}")
+    gguf_s = time.perf_counter() - started
+    backend = LlamaCppLanguageModel(artifact.path, max_sequences=2)
+    vocabulary = backend.vocab_size
+    prompt = [1] + torch.randint(3, vocabulary, (63,), generator=torch.Generator().manual_seed(0)).tolist()
+    cpu = torch.device("cpu")  # llama_decode returns when the step is done: nothing to synchronize
+    decode_tokens(backend, prompt, 4, cpu)  # warm-up
+    cache = backend.new_cache()
+    prefill_started = time.perf_counter()
+    cache.append_tokens(prompt)
+    prefill_s = time.perf_counter() - prefill_started
+    cache.close()
+    tokens, decode_s = decode_tokens(backend, prompt, check.args.new_tokens, cpu)
+    result = {
+        "gguf": {"path": str(artifact.path), "built": artifact.built, "seconds": round(gguf_s, 1),
+                 "size_mb": round(artifact.manifest["size"] / 1e6, 1)},
+        "gpu_devices": gpu_devices(), "weights_mib": backend.model_buffers, "flash_attention": backend.flash_attention,
+        "prompt_tokens": len(prompt), "prefill_tok_s": round(len(prompt) / prefill_s, 1),
+        "new_tokens": len(tokens), "decode_tok_s": round(len(tokens) / decode_s, 1),
+    }
+    backend.close()
+    return result
+
+
 SECTIONS: list[tuple[str, Callable[[Check], dict[str, Any]], tuple[str, ...]]] = [
     ("versions", versions, ()),
     ("checkpoint", checkpoint, ()),
@@ -427,6 +514,7 @@ SECTIONS: list[tuple[str, Callable[[Check], dict[str, Any]], tuple[str, ...]]] =
     ("choose", choose, ("vlm",)),
     ("onnx", onnx_exports, ("checkpoint",)),
     ("tensorrt", tensorrt_engines, ("checkpoint",)),
+    ("llamacpp", llamacpp, ("checkpoint",)),
 ]
 
 

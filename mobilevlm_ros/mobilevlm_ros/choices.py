@@ -37,6 +37,21 @@ DEFAULT_IMAGE_MODES = tuple(mode for mode in IMAGE_MODES if mode != "crop")
 # Whether llama.cpp may use its AMX buffer type (auto: decided by the CPU's features, see ggml.py).
 AMX_SETTINGS = {"auto": None, "on": True, "off": False}
 
+# When the artifacts a backend runs (TensorRT engine, ONNX graph, mmproj, LLM GGUF) are built, as Isaac ROS's
+# `force_engine_update` and NanoLLM's build-ahead: never (a missing or stale artifact is an ArtifactError naming the
+# `mobilevlm build` command that makes it; what a robot wants at start-up, where a build means minutes and, on an 8 GB
+# Orin Nano, memory the loaded LLM needs), if_missing (build a missing or stale one: the library's default) or always
+# (rebuild the backends' own artifacts at every load; intermediate ones, e.g. the ONNX graph an engine is built from,
+# are reused while they are valid). True and False, the library's older spelling, mean if_missing and never.
+ENGINE_BUILD = ("never", "if_missing", "always")
+
+
+def engine_build_policy(build: "bool | str") -> str:
+    """`build` as one of ENGINE_BUILD (a bool: True is if_missing, False is never)."""
+    if isinstance(build, bool):
+        return "if_missing" if build else "never"
+    return check_choice("engine build policy", build, ENGINE_BUILD)
+
 
 def check_choice(what: str, value: str, allowed: tuple[str, ...]) -> str:
     """`value` when it is one of `allowed`, else a ConfigError naming `what` and the choices."""

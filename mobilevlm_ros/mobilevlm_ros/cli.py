@@ -41,42 +41,46 @@ def _ask(args: argparse.Namespace) -> int:
 def _build(args: argparse.Namespace) -> int:
     if not (args.llm or args.vision or args.mmproj):
         raise PromptError("nothing to build: give --llm gguf, --vision onnx|tensorrt and/or --mmproj")
+    if args.engine_path and (bool(args.vision) + args.mmproj != 1 or args.llm):
+        raise ConfigError("--engine-path names one file: give it with one of --vision or --mmproj (and not --llm)")
+    policy = "always" if args.rebuild else "if_missing"
     artifacts = []
     if args.llm:
         from mobilevlm_ros.export.gguf import llm_gguf_artifact
 
-        artifacts += [llm_gguf_artifact(args.model, quant, args.engines_dir) for quant in args.quant]
+        artifacts += [llm_gguf_artifact(args.model, quant, args.engines_dir, policy) for quant in args.quant]
     if args.mmproj:
         from mobilevlm_ros.export.mmproj import mmproj_artifact
 
-        artifacts.append(mmproj_artifact(args.model, args.mmproj_type, args.engines_dir))
+        artifacts.append(mmproj_artifact(args.model, args.mmproj_type, args.engines_dir, policy, path=args.engine_path))
     if args.vision:
         from pathlib import Path
 
-        from mobilevlm_ros.model.checkpoint import load_checkpoint
-        from mobilevlm_ros.runtime.backends import default_device
-
         engines = Path(args.engines_dir) if args.engines_dir else None
+        engine_path = Path(args.engine_path) if args.engine_path else None
         precision = vision_precision(VISION_ARTIFACTS[args.vision], args.precision)
         if args.calibration_dir and (args.vision, precision) != ("tensorrt", "int8"):
             raise ConfigError("--calibration-dir is for --vision tensorrt --precision int8 (ONNX int8 needs no calibration)")
         if args.vision == "onnx":
             from mobilevlm_ros.export.onnx import onnx_artifact
 
-            model = load_checkpoint(args.model, with_language_model=False).model
-            artifacts.append(onnx_artifact(model.vision_path, Path(args.model), engines, build=True, precision=precision))
+            artifacts.append(onnx_artifact(None, Path(args.model), engines, policy, precision=precision, path=engine_path))
         else:
             from mobilevlm_ros.export.tensorrt import calibration_batches, engine_artifact
+            from mobilevlm_ros.model.checkpoint import load_checkpoint
             from mobilevlm_ros.tensorrt_support import tensorrt_unavailable_reason
 
             if precision == "int8" and not args.calibration_dir:
                 raise ConfigError("a TensorRT int8 engine needs --calibration-dir DIR (sample camera images)")
             if reason := tensorrt_unavailable_reason():
                 raise ConfigError(f"cannot build a TensorRT engine here: {reason}")
-            checkpoint = load_checkpoint(args.model, device=default_device(), with_language_model=False)
-            calibration = calibration_batches(Path(args.calibration_dir), checkpoint.image_processor) if args.calibration_dir else []
-            artifacts.append(engine_artifact(checkpoint.model.vision_path, Path(args.model), precision, engines, build=True,
-                                             max_batch=args.max_batch, workspace_bytes=args.workspace_mb << 20, calibration=calibration))
+            calibration = []
+            if args.calibration_dir:  # the image processor only: no weights are loaded for it
+                processor = load_checkpoint(args.model, with_language_model=False, with_vision=False).image_processor
+                calibration = calibration_batches(Path(args.calibration_dir), processor)
+            # The graph is exported from the checkpoint's vision weights on the CPU; the GPU holds only TensorRT's build.
+            artifacts.append(engine_artifact(None, Path(args.model), precision, engines, policy, max_batch=args.max_batch,
+                                             workspace_bytes=args.workspace_mb << 20, calibration=calibration, path=engine_path))
     rows = []
     for artifact in artifacts:
         manifest = artifact.manifest
@@ -261,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--workspace-mb", type=int, default=1024, help="TensorRT builder workspace limit (default 1024 MB, fits an 8 GB Orin Nano)")
     build.add_argument("--quant", nargs="+", default=["q4_k_s"], choices=QUANTS, help="GGUF type(s) (default q4_k_s)")
     build.add_argument("--engines-dir", default=None, help="artifact cache (default: the package's engines/)")
+    build.add_argument("--engine-path", default=None,
+                       help="write the --vision or --mmproj artifact to this file (its manifest beside it) instead of the "
+                            "artifact cache's name; the node's engine_path and from_pretrained(engine_path=) read it there")
+    build.add_argument("--rebuild", action="store_true", help="rebuild even a valid cached artifact (engine build policy always)")
     build.set_defaults(run=_build)
 
     bench = commands.add_parser("bench", help="time image -> answer against the plain baselines; prints a Markdown table")

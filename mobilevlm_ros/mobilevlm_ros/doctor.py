@@ -78,14 +78,24 @@ def checks() -> list[Check]:
 
         from mobilevlm_ros.ggml import AMX_BUFFER_TYPE, extra_buffer_types, offered_buffer_types
 
-        offload = "GPU offload" if llama_cpp.llama_supports_gpu_offload() else "CPU only"
+        from mobilevlm_ros.ggml import gpu_devices
+
+        gpus = gpu_devices() if llama_cpp.llama_supports_gpu_offload() else []
+        if gpus:
+            offload = f"GPU backend: {', '.join(gpus)} (layers offloaded, flash attention auto)"
+        else:
+            offload = "no GPU backend: a CPU-only build, the LLM runs on the CPU cores"
+            if cuda:
+                offload += " although a CUDA GPU is here (README: llama.cpp on a Jetson, to build it with CUDA)"
         used = offered_buffer_types()
         buffers = f"CPU weight buffers {', '.join(used) or 'plain CPU only'}"
         if used != extra_buffer_types().names:
             buffers += f" ({AMX_BUFFER_TYPE} left out by default on this CPU: --llama-amx on to use it)"
         results.append(Check("llamacpp (language)", True, f"llama-cpp-python {llama_cpp.__version__}; {offload}; {buffers}"))
         mtmd = _importable("llama_cpp.mtmd_cpp")
-        results.append(Check("ggml (vision)", mtmd is None, mtmd or f"llama.cpp's mtmd (libmtmd); {offload}; no extra CPU buffer types (the AMX setting does not apply)"))
+        where = f"on {', '.join(gpus)}" if gpus else "on the CPU (a CPU-only build)"
+        results.append(Check("ggml (vision)", mtmd is None,
+                             mtmd or f"llama.cpp's mtmd (libmtmd) {where}; no extra CPU buffer types (the AMX setting does not apply)"))
 
     ros = _importable("rclpy") or _importable("mobilevlm_interfaces.srv")
     distro = os.environ.get("ROS_DISTRO", "ROS 2 from PyPI wheels")

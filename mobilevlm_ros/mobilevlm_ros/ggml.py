@@ -73,6 +73,27 @@ def init_mtmd() -> None:
             _mtmd_initialized = True
 
 
+# ggml_backend_dev_type (ggml-backend.h): CPU 0, GPU 1, IGPU 2 (an integrated GPU using host memory), ACCEL 3.
+_GPU_DEVICE_TYPES = (1, 2)
+
+
+def gpu_devices() -> list[str]:
+    """llama.cpp's GPU devices ("CUDA0 (Orin)", ...): empty for a CPU-only build, where `n_gpu_layers` is ignored."""
+    init_llama_cpp()
+    ggml = llama_cpp._ggml.libggml
+    ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
+    ggml.ggml_backend_dev_get.restype = ctypes.c_void_p
+    ggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+    for name in ("ggml_backend_dev_name", "ggml_backend_dev_description"):
+        getattr(ggml, name).restype = ctypes.c_char_p
+        getattr(ggml, name).argtypes = [ctypes.c_void_p]
+    ggml.ggml_backend_dev_type.restype = ctypes.c_int
+    ggml.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+    devices = [ggml.ggml_backend_dev_get(i) for i in range(ggml.ggml_backend_dev_count())]
+    return [f"{ggml.ggml_backend_dev_name(device).decode()} ({ggml.ggml_backend_dev_description(device).decode()})"
+            for device in devices if ggml.ggml_backend_dev_type(device) in _GPU_DEVICE_TYPES]
+
+
 def amx_allowed(cpu_flags: Collection[str], amx: bool | None = None) -> bool:
     """Whether llama.cpp may keep weights in its AMX buffer type. `amx=None` decides by the CPU's features: not on a
     CPU with AMX, where that path crashes; elsewhere the buffer type does not exist, so allowing it changes nothing.

@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 
+import shutil
+
+import torch
+from safetensors.torch import save_file
+
 from mobilevlm_ros.errors import ArtifactError
+from mobilevlm_ros.export import artifacts
 from mobilevlm_ros.export.artifacts import ArtifactKey, get_or_build, model_fingerprint
 
 KEY = ArtifactKey(
@@ -154,3 +160,110 @@ def test_model_fingerprint_follows_the_model_files(tmp_path):
     assert model_fingerprint(tmp_path) != first
     with pytest.raises(ArtifactError, match="no model files"):
         model_fingerprint(tmp_path / "engines")
+
+
+@pytest.fixture
+def sampled(monkeypatch):
+    """Fingerprints that sample every weight file, with small samples close together (so a test file of 1 MB has
+    unsampled stretches), and no per-process cache between the steps of a test."""
+    monkeypatch.setattr(artifacts, "WHOLE_FILE_LIMIT", 0)
+    monkeypatch.setattr(artifacts, "SAMPLE_BYTES", 1024)
+    monkeypatch.setattr(artifacts, "SAMPLE_STRIDE", 64 << 10)
+    artifacts._content_digest.cache_clear()
+    yield
+    artifacts._content_digest.cache_clear()
+
+
+def small_model(directory: Path, fmt: str = "safetensors") -> Path:
+    """config.json and a weight file: a 1 MB tensor (`big`) and a small one, like a checkpoint's layout."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text('{"hidden_size": 64}')
+    weights = {"big": torch.arange(256 * 1024, dtype=torch.float32).reshape(512, 512), "small": torch.ones(16)}
+    if fmt == "safetensors":
+        save_file(weights, directory / "model.safetensors")
+    else:
+        torch.save(weights, directory / "pytorch_model.bin")
+    return directory
+
+
+def flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def big_tensor_offset(path: Path) -> int:
+    """Where the `big` tensor's bytes start in the file (found by its content, not by the code under test)."""
+    start = torch.arange(16, dtype=torch.float32).numpy().tobytes()
+    offset = path.read_bytes().find(start)
+    assert offset > 0
+    return offset
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_the_fingerprint_survives_a_plain_copy_and_a_touch(tmp_path, sampled, fmt):
+    model = small_model(tmp_path / "model", fmt)
+    first = model_fingerprint(model)
+    copied = Path(shutil.copytree(model, tmp_path / "elsewhere" / "copy", copy_function=shutil.copy))  # no `cp -p`
+    assert model_fingerprint(copied) == first
+    for path in model.iterdir():
+        os.utime(path, ns=(1, 1))
+    assert model_fingerprint(model) == first
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_the_fingerprint_changes_with_a_sampled_byte(tmp_path, sampled, fmt):
+    model = small_model(tmp_path / "model", fmt)
+    weights = next(model.glob("*.safetensors"), None) or model / "pytorch_model.bin"
+    first = model_fingerprint(model)
+    start, length = big_tensor_offset(weights), 512 * 512 * 4
+    # The tensor's first and last bytes, and one at a stride inside it, are sampled: each changes the fingerprint.
+    for offset in (start, start + length - 1, start + 64 * 1024 + 10):
+        flip(weights, offset)
+        assert model_fingerprint(model) != first, offset
+        flip(weights, offset)
+        assert model_fingerprint(model) == first
+    # A byte between two samples inside one tensor is not read: that edit keeps the fingerprint (module docstring).
+    flip(weights, start + 32 * 1024)
+    assert model_fingerprint(model) == first
+
+
+def test_the_fingerprint_reads_the_index_whole_and_small_files_whole(tmp_path, sampled):
+    model = small_model(tmp_path / "model")
+    first = model_fingerprint(model)
+    weights = model / "model.safetensors"
+    flip(weights, 20)  # inside the safetensors header
+    assert model_fingerprint(model) != first
+    flip(weights, 20)
+    artifacts.WHOLE_FILE_LIMIT = 1 << 30  # not sampled: every byte counts
+    whole = model_fingerprint(model)
+    flip(weights, big_tensor_offset(weights) + 32 * 1024)
+    assert model_fingerprint(model) != whole
+
+
+def test_the_fingerprint_covers_names_and_subdirectories_but_not_hidden_ones(tmp_path, sampled):
+    model = small_model(tmp_path / "model")
+    (model / "clip").mkdir()
+    (model / "clip" / "config.json").write_text('{"image_size": 336}')
+    first = model_fingerprint(model)
+    (model / "clip" / "config.json").write_text('{"image_size": 224}')  # a v1 model's tower directory
+    assert model_fingerprint(model) != first
+    (model / "clip" / "config.json").write_text('{"image_size": 336}')
+    (model / ".cache").mkdir()
+    (model / ".cache" / "config.json").write_text("{}")
+    assert model_fingerprint(model) == first
+    (model / "model.safetensors").rename(model / "other.safetensors")
+    assert model_fingerprint(model) != first
+
+
+def test_the_fingerprint_of_a_real_size_checkpoint_is_fast(tmp_path, figures):
+    """The bench's 1.7B random checkpoint, when this machine has it: how long a fingerprint takes (page cache warm)."""
+    checkpoint = Path.home() / ".cache" / "mobilevlm_ros" / "bench" / "1.7b-random-v1"
+    if not (checkpoint / "model.safetensors").is_file():
+        pytest.skip(f"no 1.7B checkpoint at {checkpoint} (mobilevlm bench --size 1.7b writes it)")
+    artifacts._content_digest.cache_clear()
+    model_fingerprint(checkpoint)
+    artifacts._content_digest.cache_clear()
+    started = time.perf_counter()
+    model_fingerprint(checkpoint)
+    figures["fingerprint_1.7b_seconds"] = round(time.perf_counter() - started, 3)

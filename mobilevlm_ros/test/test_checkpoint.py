@@ -60,6 +60,26 @@ def test_v1_reloads_the_tower_from_mm_vision_tower_like_upstream(make_checkpoint
     assert "stored in the checkpoint is ignored" in caplog.text
 
 
+def test_v1_never_reads_the_stored_tower_copy(make_checkpoint, monkeypatch):
+    """The copy upstream ignores is not read at all (on CUDA it would take device memory until dropped)."""
+    from mobilevlm_ros.model import checkpoint as checkpoint_module
+
+    path = make_checkpoint(projector_type="ldpnet")
+    assert any(key.startswith(VISION_TOWER_PREFIX) for key in read_weights(path)[0])  # the checkpoint stores one
+    read = []
+    real_read = checkpoint_module.read_weight_file
+
+    def recording(*args, **kwargs):
+        tensors = real_read(*args, **kwargs)
+        read.extend(tensors)
+        return tensors
+
+    monkeypatch.setattr(checkpoint_module, "read_weight_file", recording)
+    load_checkpoint(path)
+    assert read and not [key for key in read if key.startswith(VISION_TOWER_PREFIX)]
+    assert any(key.startswith("vision_model.") for key in read)  # from the tower directory
+
+
 def test_v2_without_stored_tower_loads_it_from_the_tower_directory(make_checkpoint):
     path = make_checkpoint(projector_type="ldpnetv2", store_tower=False)
     tower = load_file(path / "clip-vit-tiny" / "model.safetensors")
@@ -247,3 +267,99 @@ def test_vision_only_loading_skips_the_language_model(make_checkpoint, fmt, proj
             assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, full[key]), key
         else:
             assert tensor.is_meta, key
+
+
+PEAK_RSS_SCRIPT = """
+import json, sys
+import torch
+import transformers.models.clip.modeling_clip, transformers.models.llama.modeling_llama  # imported before the baseline
+from mobilevlm_ros.model.checkpoint import load_checkpoint
+
+def status(field: str) -> int:
+    # VmHWM, not ru_maxrss: after a fork and exec, ru_maxrss still holds the parent's peak (the pytest process's)
+    with open("/proc/self/status") as lines:
+        return next(int(line.split()[1]) * 1024 for line in lines if line.startswith(field + ":"))
+
+before = status("VmRSS")
+model = load_checkpoint(sys.argv[1], dtype=getattr(torch, sys.argv[2])).model
+peak = status("VmHWM")
+size = sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
+print(json.dumps({"before": before, "peak": peak, "model": size}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_loading_holds_one_copy_of_the_weights(make_checkpoint, fmt, figures):
+    """An fp16 checkpoint loaded as fp32, in a fresh process: the peak RSS grows by about the model's fp32 size, not by
+    the file's tensors plus the model (1.5x) or by two fp32 copies (2x)."""
+    import os
+    import subprocess
+    import sys
+
+    checkpoint = make_checkpoint(hidden_size=2048, fmt=fmt)  # ~84 M parameters: 336 MB in fp32, 168 MB on disk
+    package = str(Path(__file__).resolve().parents[1])
+    result = subprocess.run([sys.executable, "-c", PEAK_RSS_SCRIPT, str(checkpoint), "float32"], capture_output=True, text=True,
+                            timeout=600, env=os.environ | {"PYTHONPATH": package + os.pathsep + os.environ.get("PYTHONPATH", "")})
+    assert result.returncode == 0, result.stderr
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    growth = (measured["peak"] - measured["before"]) / measured["model"]
+    figures[f"checkpoint_load_fp32_peak_rss_growth_over_model_{fmt}"] = round(growth, 3)
+    assert growth <= 1.25, measured
+
+
+def test_weights_are_assigned_where_they_were_read_and_buffers_are_made_for_real(make_checkpoint, monkeypatch):
+    """No copy after reading (on CUDA: read straight to the device), and the buffers that are not in the files (rotary
+    inv_freq, CLIP position_ids) equal those of a model built the ordinary way."""
+    from transformers.initialization import no_init_weights
+
+    from mobilevlm_ros.model import checkpoint as checkpoint_module
+
+    read = {}
+    real_read = checkpoint_module.read_weights
+
+    def recording(*args, **kwargs):
+        tensors, sources = real_read(*args, **kwargs)
+        read.update({key: tensor.data_ptr() for key, tensor in tensors.items()})
+        return tensors, sources
+
+    monkeypatch.setattr(checkpoint_module, "read_weights", recording)
+    loaded = load_checkpoint(make_checkpoint(projector_type="ldpnet"), dtype=torch.bfloat16)
+    model = loaded.model
+    for key, parameter in model.named_parameters():
+        # v1: the tower comes from the tower directory (keys without the prefix), not the copy in the checkpoint
+        source = read.get(key.replace(VISION_TOWER_PREFIX, "", 1), read.get(key))
+        assert parameter.data_ptr() == source and parameter.dtype == torch.bfloat16, key
+    with no_init_weights():
+        ordinary = type(model)(model.mobilevlm_config, model.vision_path.vision_tower.config)
+    expected = dict(ordinary.named_buffers())
+    buffers = dict(model.named_buffers())
+    assert buffers.keys() == expected.keys() and {"model.rotary_emb.inv_freq"} <= buffers.keys()
+    assert any(key.endswith("position_ids") for key in buffers)
+    for key, buffer in buffers.items():
+        assert not buffer.is_meta and buffer.dtype == expected[key].dtype and torch.equal(buffer, expected[key]), key
+    assert not any(tensor.is_meta for tensor in model.state_dict().values())
+
+
+def test_a_mapped_torch_file_leaves_no_parameter_in_the_mapping(copy_checkpoint):
+    """Vision-only loading maps a torch file; parameters are copied out, so the file can be overwritten in place."""
+    path = copy_checkpoint(fmt="bin", dtype=torch.float32)  # loaded as stored: no cast that would copy anyway
+    model = load_checkpoint(path, with_language_model=False).model
+    before = {key: tensor.clone() for key, tensor in model.vision_path.state_dict().items()}
+    size = (path / "pytorch_model.bin").stat().st_size
+    with open(path / "pytorch_model.bin", "r+b") as handle:
+        handle.write(b"\0" * size)
+    for key, tensor in model.vision_path.state_dict().items():
+        assert torch.equal(tensor, before[key]), key
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="loading to CUDA needs a CUDA GPU (none visible to torch)")
+def test_loading_to_cuda_allocates_the_model_once(make_checkpoint):
+    checkpoint = make_checkpoint(hidden_size=1024)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    model = load_checkpoint(checkpoint, dtype=torch.float16, device="cuda").model
+    size = sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
+    assert all(tensor.is_cuda for tensor in model.state_dict().values())
+    assert torch.cuda.max_memory_allocated() - start <= 1.1 * size + (8 << 20)

@@ -19,7 +19,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
 def test_help_runs_without_a_gpu():
     result = run("--help")
     assert result.returncode == 0, result.stderr
-    for text in ("--out", "--device", "--size", "--budget-s", "CUDA-graph decode", "tensorrt"):
+    for text in ("--out", "--device", "--size", "--budget-s", "CUDA-graph decode", "tensorrt", "llamacpp"):
         assert text in result.stdout
 
 
@@ -30,13 +30,16 @@ def test_cpu_run_exercises_the_sections_and_records_what_needs_cuda(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(out.read_text())
     sections = report["sections"]
-    assert list(sections) == ["versions", "checkpoint", "load", "decode", "sessions", "vision", "choose", "onnx", "tensorrt"]
-    assert all(sections[name]["status"] == "ok" for name in list(sections)[:-1]), {k: v["status"] for k, v in sections.items()}
+    assert list(sections) == ["versions", "checkpoint", "load", "decode", "sessions", "vision", "choose", "onnx", "tensorrt", "llamacpp"]
+    assert all(sections[name]["status"] == "ok" for name in list(sections)[:-2]), {k: v["status"] for k, v in sections.items()}
+    load = sections["load"]
+    assert load["weights_mb"] > 0 and load["host_peak_rss_growth_mb"] <= 2 * load["weights_mb"] + 64
     assert sections["versions"]["package"] == str(SCRIPT.parents[1] / "mobilevlm_ros" / "mobilevlm_ros")  # this checkout's code
     decode = sections["decode"]
     assert decode["identical_tokens"] and decode["new_tokens"] == 8 and decode["cuda_graph"].startswith("skipped: no CUDA")
     assert [row["session"] for row in sections["sessions"]["sessions"]] == [1, 2, 3, 4, 5]
     assert sections["sessions"]["gpu_memory"].startswith("skipped: no CUDA")
+    assert sections["sessions"]["one_kv_buffer"].startswith("skipped: dynamic KV caches")
     assert sections["vision"]["batch_1_ms"] > 0 and sections["vision"]["batch_7_ms"] > 0
     assert sections["choose"]["options"] == 4 and sections["choose"]["chosen"] in ("move_forward", "turn_left", "turn_right", "stop")
     onnx = sections["onnx"]
@@ -45,6 +48,8 @@ def test_cpu_run_exercises_the_sections_and_records_what_needs_cuda(tmp_path):
         assert graph["cosine"] >= 0.99999 and graph["max_abs"] <= 1e-4
     assert onnx["fp16_graph"]["vs_torch_fp32"]["cosine"] >= 0.999
     assert sections["tensorrt"]["status"].startswith("skipped: ")
+    assert sections["llamacpp"]["status"].startswith(("skipped: llama-cpp-python", "skipped: needs")), sections["llamacpp"]
+    assert "no GPU backend" in sections["llamacpp"]["status"] or "does not import" in sections["llamacpp"]["status"]
 
     # Asked for CUDA on a machine without it: the sections that need it say so, the rest still run.
     again = run("--device", "cuda", "--size", "tiny", "--out", str(out), "--work-dir", str(work), "--sections", "versions", "checkpoint", "load", "decode")

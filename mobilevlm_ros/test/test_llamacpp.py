@@ -6,6 +6,7 @@ import gc
 import subprocess
 import sys
 
+import llama_cpp
 import numpy as np
 import pytest
 import torch
@@ -244,3 +245,38 @@ def test_a_left_out_buffer_type_holds_no_weights(repackable_gguf, monkeypatch):
     assert torch.nn.functional.cosine_similarity(*logits, dim=0) >= 0.999
     monkeypatch.undo()
     assert "CPU_REPACK" in LlamaCppLanguageModel(repackable_gguf, kv_cells=64).model_buffers  # offered again
+
+
+@pytest.fixture(scope="module")
+def f32_gguf(engines, checkpoint):
+    return llm_gguf_artifact(checkpoint, "f32", engines).path
+
+
+def test_flash_attention_is_automatic_where_layers_are_offloaded_and_off_on_the_cpu(f32_gguf):
+    from mobilevlm_ros.runtime.llamacpp import FLASH_ATTENTION_TYPES, flash_attention_setting
+
+    assert [flash_attention_setting(None, offloaded) for offloaded in (True, False)] == ["auto", "off"]
+    assert [flash_attention_setting(forced, offloaded) for forced in (True, False) for offloaded in (True, False)] == ["on", "on", "off", "off"]
+    assert FLASH_ATTENTION_TYPES["auto"] == llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
+    if not llama_cpp.llama_supports_gpu_offload():  # this build: the CPU path is what it was
+        backend = LlamaCppLanguageModel(f32_gguf, max_sequences=1, kv_cells=64)
+        assert backend.flash_attention == "off" and ggml.gpu_devices() == []
+        backend.close()
+
+
+def test_a_cpu_only_build_beside_a_cuda_gpu_is_a_warning(f32_gguf, monkeypatch, caplog):
+    if llama_cpp.llama_supports_gpu_offload():
+        pytest.skip("this llama.cpp has a GPU backend")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with caplog.at_level("WARNING", logger="mobilevlm_ros.runtime.llamacpp"):
+        LlamaCppLanguageModel(f32_gguf, max_sequences=1, kv_cells=64).close()
+        LlamaCppLanguageModel(f32_gguf, max_sequences=1, kv_cells=64, gpu_layers=0).close()  # asked for the CPU
+    warnings = [r.getMessage() for r in caplog.records if "CPU-only build" in r.getMessage()]
+    assert len(warnings) == 1 and "README: llama.cpp on a Jetson" in warnings[0]
+
+
+@pytest.mark.skipif(not llama_cpp.llama_supports_gpu_offload(), reason="llama.cpp here has no GPU backend (a CPU-only build)")
+def test_layers_go_to_the_gpu_with_flash_attention_automatic(f32_gguf):
+    backend = LlamaCppLanguageModel(f32_gguf, max_sequences=1, kv_cells=64)
+    assert ggml.gpu_devices() and backend.flash_attention == "auto"
+    assert any(name != "CPU" and not name.startswith("CPU_") for name in backend.model_buffers), backend.model_buffers

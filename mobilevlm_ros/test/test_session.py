@@ -7,6 +7,7 @@ import pytest
 
 from mobilevlm_ros.errors import PromptError
 from mobilevlm_ros.model.prompt import IMAGE_TOKEN_INDEX, SYSTEM_PROMPT
+from mobilevlm_ros.runtime.language import TorchLanguageModel
 from mobilevlm_ros.runtime.sampling import SamplingParams
 from mobilevlm_ros.runtime.session import TextAssembler
 from mobilevlm_ros.runtime.vlm import MobileVLM
@@ -16,6 +17,16 @@ from tiny_checkpoint import CONTEXT_LENGTH, IMAGE_TOKENS
 QUESTION = "What is in the image?"
 ACTIONS = ["move_forward", "turn_left", "turn_right", "stop"]
 SCORE_TOLERANCE = 1e-3  # fp32 log-likelihoods of a few tokens, cached against uncached
+
+
+@pytest.fixture(scope="module", params=["dynamic", "static"])
+def vlm(checkpoint, request) -> MobileVLM:
+    """On the CPU's default dynamic caches, and on CUDA's default: one static buffer shared by every session (without
+    the CUDA graph here), so every check below also holds where sessions take turns in one buffer."""
+    vlm = MobileVLM.from_pretrained(checkpoint, device="cpu")
+    if request.param == "static":
+        vlm.language = TorchLanguageModel(vlm.language.model, vlm.config.context_length, static_cache=True)
+    return vlm
 
 
 @pytest.fixture(scope="module")

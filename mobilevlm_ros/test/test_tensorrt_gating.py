@@ -19,7 +19,7 @@ from fake_tensorrt import API, FakeTensorRT
 from mobilevlm_ros.errors import ArtifactError, BackendError
 from mobilevlm_ros.export import tensorrt as export_trt
 from mobilevlm_ros.export.tensorrt import (
-    build_engine, build_plan, engine_covering, engine_key, timing_cache_path, write_atomically,
+    build_engine, build_plan, engine_covering, engine_key, gpu_description, timing_cache_path, write_atomically,
 )
 from mobilevlm_ros import tensorrt_support
 from mobilevlm_ros.runtime.tensorrt import EngineIO, engine_io, enqueue, set_batch_shape
@@ -187,6 +187,28 @@ def test_timing_caches_are_per_precision_version_and_gpu(tmp_path):
 
 
 PLAN = export_trt.BuildPlan("fp16", "fp32", False, ("FP16",), True)
+
+# What torch reports on each Jetson Orin module (name, SM count, total memory as the GPU sees the shared DRAM).
+ORIN_MODULES = {
+    "AGX Orin 64GB": ("Orin", 16, 61.4), "AGX Orin 32GB": ("Orin", 14, 30.0), "Orin NX 16GB": ("Orin", 8, 15.3),
+    "Orin Nano 8GB": ("Orin", 8, 7.4), "Orin Nano 4GB": ("Orin", 4, 3.4),
+}
+
+
+def test_the_device_key_tells_the_orin_modules_apart(monkeypatch):
+    def properties(name: str, sms: int, gib: float):
+        return lambda index: type("Properties", (), {"name": name, "major": 8, "minor": 7, "multi_processor_count": sms,
+                                                    "total_memory": int(gib * 2**30)})()
+
+    described = {}
+    for module, spec in ORIN_MODULES.items():
+        monkeypatch.setattr(torch.cuda, "get_device_properties", properties(*spec))
+        described[module] = gpu_description(torch.device("cuda", 0))
+    assert described["Orin Nano 8GB"] == "cuda:Orin sm_87 8 SMs 7 GiB"
+    assert len(set(described.values())) == len(ORIN_MODULES)
+    # A few MB more or less (another JetPack's carve-outs) is the same device.
+    monkeypatch.setattr(torch.cuda, "get_device_properties", properties("Orin", 8, 7.45))
+    assert gpu_description(torch.device("cuda", 0)) == described["Orin Nano 8GB"]
 
 
 def test_engine_key_holds_what_decides_the_numbers_not_build_settings():

@@ -33,7 +33,7 @@ from transformers import LlamaForCausalLM
 from mobilevlm_ros.choices import QUANTS, check_choice
 from mobilevlm_ros.cpu import physical_cores
 from mobilevlm_ros.errors import ArtifactError, ConfigError
-from mobilevlm_ros.export.artifacts import Artifact, ArtifactKey, get_or_build, model_fingerprint
+from mobilevlm_ros.export.artifacts import Artifact, ArtifactKey, build_command, get_or_build, model_fingerprint
 from mobilevlm_ros.ggml import init_llama_cpp
 from mobilevlm_ros.model.checkpoint import load_checkpoint
 from mobilevlm_ros.model.prompt import SentencePieceTokenizer
@@ -197,8 +197,10 @@ def build_llm_gguf(model_dir: str | Path, quant: str, target: str | Path) -> Map
     return {"tensor_types": types}
 
 
-def llm_gguf_artifact(model_dir: str | Path, quant: str = "q4_k_s", engines_dir: str | Path | None = None, build: bool = True) -> Artifact:
-    """The checkpoint's language model as a GGUF in the artifact cache, built when missing or stale."""
+def llm_gguf_artifact(model_dir: str | Path, quant: str = "q4_k_s", engines_dir: str | Path | None = None,
+                      build: bool | str = True) -> Artifact:
+    """The checkpoint's language model as a GGUF in the artifact cache, built when missing or stale and `build` (the
+    policy, see get_or_build) allows."""
     check_choice("GGUF quantization", quant, QUANTS)
     key = ArtifactKey(
         model_hash=model_fingerprint(model_dir),
@@ -210,4 +212,5 @@ def llm_gguf_artifact(model_dir: str | Path, quant: str = "q4_k_s", engines_dir:
         suffix="gguf",
         extra={"export_version": EXPORT_VERSION},
     )
-    return get_or_build(key, lambda path: build_llm_gguf(model_dir, quant, path), engines_dir, build)
+    command = build_command(model_dir, ["--llm", "gguf", "--quant", quant], engines_dir)
+    return get_or_build(key, lambda path: build_llm_gguf(model_dir, quant, path), engines_dir, build, command=command)

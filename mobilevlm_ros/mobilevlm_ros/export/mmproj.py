@@ -52,7 +52,7 @@ from torch import nn
 
 from mobilevlm_ros.choices import MMPROJ_TYPES, check_choice
 from mobilevlm_ros.errors import ConfigError
-from mobilevlm_ros.export.artifacts import Artifact, ArtifactKey, get_or_build, model_fingerprint
+from mobilevlm_ros.export.artifacts import Artifact, ArtifactKey, build_command, get_or_build, model_fingerprint
 from mobilevlm_ros.model.checkpoint import load_checkpoint, resolve_vision_tower_dir
 from mobilevlm_ros.model.config import MobileVLMConfig
 from mobilevlm_ros.model.mobilevlm import MobileLlamaForCausalLM
@@ -246,12 +246,12 @@ def build_mmproj(
 
 
 def mmproj_artifact(
-    model_dir: str | Path, file_type: str = "f16", engines_dir: str | Path | None = None, build: bool = True,
-    model: MobileLlamaForCausalLM | None = None, cls_layout: ClsLayout = DEFAULT_CLS_LAYOUT,
+    model_dir: str | Path, file_type: str = "f16", engines_dir: str | Path | None = None, build: bool | str = True,
+    model: MobileLlamaForCausalLM | None = None, cls_layout: ClsLayout = DEFAULT_CLS_LAYOUT, path: str | Path | None = None,
 ) -> Artifact:
-    """The checkpoint's vision tower + projector as an mmproj GGUF in the artifact cache, built when missing or stale.
-    Keyed on the llama-cpp-python version too: the class-token layout answers the pinned clip (module docstring),
-    so a new llama.cpp rebuilds the file."""
+    """The checkpoint's vision tower + projector as an mmproj GGUF in the artifact cache (or at `path`), built when
+    missing or stale and `build` (the policy, see get_or_build) allows. Keyed on the llama-cpp-python version too: the
+    class-token layout answers the pinned clip (module docstring), so a new llama.cpp rebuilds the file."""
     check_choice("mmproj type", file_type, MMPROJ_TYPES)
     check_choice("class-token layout", cls_layout, CLS_LAYOUTS)
     key = ArtifactKey(
@@ -264,7 +264,9 @@ def mmproj_artifact(
         suffix="gguf",
         extra={"export_version": EXPORT_VERSION, "cls_layout": cls_layout},
     )
-    return get_or_build(key, lambda path: build_mmproj(model_dir, file_type, path, model, cls_layout), engines_dir, build)
+    command = build_command(model_dir, ["--mmproj", "--mmproj-type", file_type], engines_dir, path)
+    return get_or_build(key, lambda target: build_mmproj(model_dir, file_type, target, model, cls_layout), engines_dir, build,
+                        path, command)
 
 
 def _version(distribution: str) -> str:

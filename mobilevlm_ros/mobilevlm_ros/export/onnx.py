@@ -23,7 +23,8 @@ import onnx
 import torch
 
 from mobilevlm_ros.errors import ArtifactError
-from mobilevlm_ros.export.artifacts import Artifact, ArtifactKey, get_or_build, model_fingerprint
+from mobilevlm_ros.export.artifacts import Artifact, ArtifactKey, build_command, get_or_build, model_fingerprint
+from mobilevlm_ros.model.checkpoint import load_vision_path
 from mobilevlm_ros.model.mobilevlm import VisionPath
 
 logger = logging.getLogger(__name__)
@@ -106,12 +107,14 @@ def quantize_onnx(source: Path, path: Path) -> dict[str, object]:
 
 
 def onnx_artifact(
-    vision: VisionPath, model_dir: Path, engines_dir: Path | None, build: bool, opset: int = OPSET,
-    precision: OnnxPrecision = "fp32",
+    vision: VisionPath | None, model_dir: Path, engines_dir: Path | None, build: bool | str, opset: int = OPSET,
+    precision: OnnxPrecision = "fp32", path: Path | None = None,
 ) -> Artifact:
-    """The vision graph of the checkpoint in `model_dir` from the artifact cache, exported when missing or stale;
-    `precision="int8"` is the quantized graph, made from the (cached) fp32 one."""
+    """The vision graph of the checkpoint in `model_dir` from the artifact cache (or at `path`), exported when missing
+    or stale and `build` (the policy, see get_or_build) allows; `precision="int8"` is the quantized graph, made from
+    the (cached) fp32 one. `vision` is the loaded vision path to export; None reads it from `model_dir` when needed."""
     versions = f"torch {torch.__version__}, onnx {onnx.__version__}"
+    command = build_command(model_dir, ["--vision", "onnx", "--precision", precision], engines_dir, path)
     if precision == "int8":
         import onnxruntime
 
@@ -120,8 +123,10 @@ def onnx_artifact(
             runtime="onnxruntime.quantization", runtime_version=f"{versions}, onnxruntime {onnxruntime.__version__}",
             device="any", suffix="onnx", extra={"tensors": list(TENSOR_NAMES["vision"]), "quantization": QUANTIZATION},
         )
-        return get_or_build(key, lambda path: quantize_onnx(onnx_artifact(vision, model_dir, engines_dir, build, opset).path, path),
-                            engines_dir, build)
+        return get_or_build(
+            key, lambda target: quantize_onnx(onnx_artifact(vision, model_dir, engines_dir, "if_missing", opset).path, target),
+            engines_dir, build, path, command,
+        )
     if precision != "fp32":
         raise ArtifactError(f"unknown ONNX graph precision {precision!r} (expected fp32 or int8)")
     key = ArtifactKey(
@@ -134,4 +139,10 @@ def onnx_artifact(
         suffix="onnx",
         extra={"tensors": list(TENSOR_NAMES["vision"])},
     )
-    return get_or_build(key, lambda path: export_onnx(vision, path, "vision", key.filename + ".data", opset), engines_dir, build)
+
+    data_name = (Path(path).name if path is not None else key.filename) + ".data"  # beside the graph, if it needs one
+
+    def export(target: Path) -> dict[str, object]:
+        return export_onnx(vision if vision is not None else load_vision_path(model_dir), target, "vision", data_name, opset)
+
+    return get_or_build(key, export, engines_dir, build, path, command)

@@ -26,7 +26,8 @@ import onnx
 from onnx import AttributeProto, ModelProto, TensorProto, helper, numpy_helper
 
 from mobilevlm_ros.errors import ArtifactError
-from mobilevlm_ros.export.artifacts import Artifact, ArtifactKey, get_or_build, model_fingerprint
+from mobilevlm_ros.choices import engine_build_policy
+from mobilevlm_ros.export.artifacts import Artifact, ArtifactKey, build_command, get_or_build, model_fingerprint
 from mobilevlm_ros.export.onnx import OPSET, PROTOBUF_LIMIT, TENSOR_NAMES, onnx_artifact
 from mobilevlm_ros.model.mobilevlm import VisionPath
 
@@ -187,14 +188,17 @@ def write_fp16_graph(source: Path, path: Path, external_data_name: str | None = 
     return {"source": source.name, **details}
 
 
-def fp16_onnx_artifact(vision: VisionPath, model_dir: Path, engines_dir: Path | None, build: bool,
+def fp16_onnx_artifact(vision: VisionPath | None, model_dir: Path, engines_dir: Path | None, build: bool | str,
                        opset: int = OPSET) -> Artifact:
-    """The fp16 vision graph from the artifact cache, made from the cached fp32 graph when missing or stale."""
-    source = onnx_artifact(vision, model_dir, engines_dir, build, opset)
+    """The fp16 vision graph from the artifact cache, made from the cached fp32 graph when missing or stale and `build`
+    (the policy, see get_or_build) allows; `vision` as for onnx_artifact."""
+    source = onnx_artifact(vision, model_dir, engines_dir, "if_missing" if engine_build_policy(build) == "always" else build, opset)
     key = ArtifactKey(
         model_hash=model_fingerprint(model_dir), component="vision", precision=f"onnx-fp16-opset{opset}", runtime="onnx",
         runtime_version=f"onnx {onnx.__version__}", device="any", suffix="onnx",
         extra={"tensors": list(TENSOR_NAMES["vision"]), "source_sha256": source.manifest["sha256"],
                "fp16_pass": FP16_PASS_VERSION, "kept_fp32_ops": list(KEEP_FP32_OPS)},
     )
-    return get_or_build(key, lambda path: write_fp16_graph(source.path, path, key.filename + ".data"), engines_dir, build)
+    command = build_command(model_dir, ["--vision", "tensorrt", "--precision", "fp16"], engines_dir)
+    return get_or_build(key, lambda path: write_fp16_graph(source.path, path, key.filename + ".data"), engines_dir, build,
+                        command=command)

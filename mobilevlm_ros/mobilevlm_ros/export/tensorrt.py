@@ -31,7 +31,8 @@ from typing import Any
 import torch
 
 from mobilevlm_ros.errors import ArtifactError, ConfigError
-from mobilevlm_ros.export.artifacts import Artifact, ArtifactKey, get_or_build, model_fingerprint
+from mobilevlm_ros.choices import engine_build_policy
+from mobilevlm_ros.export.artifacts import Artifact, ArtifactKey, build_command, get_or_build, model_fingerprint
 from mobilevlm_ros.model.mobilevlm import VisionPath
 from mobilevlm_ros.model.preprocess import ImageProcessor, load_image_file
 from mobilevlm_ros.tensorrt_support import (
@@ -73,10 +74,15 @@ def calibration_fingerprint(batches: Sequence[torch.Tensor]) -> str:
 
 
 def gpu_description(device: torch.device) -> str:
-    """What an engine is tied to besides the TensorRT version: the GPU model and its compute capability."""
-    index = device.index or 0
-    major, minor = torch.cuda.get_device_capability(index)
-    return f"cuda:{torch.cuda.get_device_name(index)} sm_{major}{minor}"
+    """What an engine is tied to besides the TensorRT version: the GPU model, its compute capability, SM count and
+    memory (whole GiB). Jetson Orin modules share one name and sm_87; the SM count and memory tell AGX Orin (16 or 14
+    SMs, 64 or 32 GB), Orin NX 16 GB, Orin Nano 8 GB and 4 GB apart, for which TensorRT picks tactics differently
+    (Orin NX 8 GB and Orin Nano 8 GB, both 8 SMs and 8 GB, share a key). Clocks (power modes, "Super") are left out:
+    an engine stays valid across them."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    properties = torch.cuda.get_device_properties(index)
+    return (f"cuda:{properties.name} sm_{properties.major}{properties.minor} {properties.multi_processor_count} SMs "
+            f"{round(properties.total_memory / 2**30)} GiB")
 
 
 @dataclass(frozen=True)
@@ -253,50 +259,57 @@ def engine_key(model_hash: str, precision: str, image_size: int, trt_version: st
     )
 
 
-def engine_covering(key: ArtifactKey, build_fn: Callable[[Path], dict[str, object]], engines_dir: Path | None, build: bool,
-                    max_batch: int | None) -> Artifact:
+def engine_covering(key: ArtifactKey, build_fn: Callable[[Path], dict[str, object]], engines_dir: Path | None, build: bool | str,
+                    max_batch: int | None, path: Path | None = None, command: str | None = None) -> Artifact:
     """The cached engine for `key` when its profile covers `max_batch` (None: any profile does, as for the runtime,
-    which runs a larger batch in chunks); else a new one built by `build_fn`."""
-    artifact = get_or_build(key, build_fn, engines_dir, build)
+    which runs a larger batch in chunks); else a new one built by `build_fn` (`build`: the policy, see get_or_build)."""
+    artifact = get_or_build(key, build_fn, engines_dir, build, path, command)
     covered = int(artifact.manifest.get("details", {}).get("max_batch", 0))
     if artifact.built or max_batch is None or covered >= max_batch:
         return artifact
-    if not build:
+    if engine_build_policy(build) == "never":
         raise ArtifactError(f"{artifact.path}: its profile takes batches up to {covered}, not {max_batch}, "
-                            "and building is disabled (build it first, e.g. with `mobilevlm build --max-batch N`)")
+                            f"and building is disabled (build it first, e.g. with `mobilevlm build --max-batch {max_batch}`)")
     logger.info("%s takes batches up to %d; rebuilding it for %d", artifact.path, covered, max_batch)
     # Without its manifest the artifact is "not built yet": get_or_build rebuilds it under its lock.
     artifact.path.with_name(artifact.path.name + ".json").unlink(missing_ok=True)
-    return get_or_build(key, build_fn, engines_dir, build)
+    return get_or_build(key, build_fn, engines_dir, build, artifact.path, command)
 
 
 def engine_artifact(
-    vision: VisionPath, model_dir: Path, precision: str, engines_dir: Path | None, build: bool,
+    vision: VisionPath | None, model_dir: Path, precision: str, engines_dir: Path | None, build: bool | str,
     max_batch: int | None = None, workspace_bytes: int = DEFAULT_WORKSPACE_BYTES, calibration: Sequence[torch.Tensor] = (),
+    path: Path | None = None,
 ) -> Artifact:
-    """The vision engine for this GPU and TensorRT version from the artifact cache, built (from the cached ONNX graph
-    `build_plan` names) when missing or stale. `max_batch`: the profile's largest batch a build asks for (a cached
-    engine with a smaller profile is rebuilt); None, as the runtime passes, takes any cached engine and builds with
-    DEFAULT_MAX_BATCH. An int8 engine records what it was calibrated on; a cached one is kept even when other
-    `calibration` batches are given (logged): delete it to recalibrate."""
+    """The vision engine for this GPU and TensorRT version from the artifact cache (or at `path`), built (from the
+    cached ONNX graph `build_plan` names) when missing or stale and `build` (the policy, see get_or_build) allows.
+    `vision` is the loaded vision path to export the graph from; None reads it from `model_dir` when a graph must be
+    exported. `max_batch`: the profile's largest batch a build asks for (a cached engine with a smaller profile is
+    rebuilt); None, as the runtime passes, takes any cached engine and builds with DEFAULT_MAX_BATCH. An int8 engine
+    records what it was calibrated on; a cached one is kept even when other `calibration` batches are given (logged):
+    delete it to recalibrate."""
     import tensorrt as trt
 
     from mobilevlm_ros.export.onnx import onnx_artifact
     from mobilevlm_ros.export.onnx_fp16 import fp16_onnx_artifact
+    from mobilevlm_ros.model.checkpoint import vision_tower_config
 
     plan = build_plan(trt, precision)
     device = torch.device("cuda", torch.cuda.current_device())
-    image_size = vision.image_size
+    image_size = vision.image_size if vision is not None else vision_tower_config(model_dir).image_size
     key = engine_key(model_fingerprint(model_dir), precision, image_size, trt.__version__, gpu_description(device), plan)
+    command = build_command(model_dir, ["--vision", "tensorrt", "--precision", precision], engines_dir, path)
+    if precision == "int8":
+        command += " --calibration-dir DIR"
 
-    def build_fn(path: Path) -> dict[str, object]:
+    def build_fn(target: Path) -> dict[str, object]:
         make_graph = fp16_onnx_artifact if plan.graph == "fp16" else onnx_artifact
-        graph = make_graph(vision, model_dir, engines_dir, build)
+        graph = make_graph(vision, model_dir, engines_dir, "if_missing")  # the graph is reused while it is valid
         timing_cache = timing_cache_path(graph.path.parent, trt.__version__, key.device, precision)
-        return build_engine(graph.path, path, precision, image_size, max_batch or DEFAULT_MAX_BATCH, workspace_bytes,
+        return build_engine(graph.path, target, precision, image_size, max_batch or DEFAULT_MAX_BATCH, workspace_bytes,
                             timing_cache, calibration, device=device)
 
-    artifact = engine_covering(key, build_fn, engines_dir, build, max_batch)
+    artifact = engine_covering(key, build_fn, engines_dir, build, max_batch, path, command)
     recorded = artifact.manifest["details"].get("calibration_sha256")
     if calibration and not artifact.built and recorded != calibration_fingerprint(calibration):
         logger.warning("%s was calibrated on other images (%s); delete it to recalibrate", artifact.path, recorded)

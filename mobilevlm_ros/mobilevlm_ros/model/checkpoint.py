@@ -4,6 +4,12 @@ Weights are read from safetensors or from `pytorch_model*.bin` with `torch.load(
 shards listed by an index; nothing in the directory is ever executed. Loading is strict: every parameter of the
 model must come from the files with the right shape, and every tensor in the files must have a place in the model.
 
+Weights go straight to the target device in the target dtype, one tensor at a time: the model is built with its
+parameters on the meta device (no memory; its buffers, computed at construction and not stored in the files, such
+as the rotary `inv_freq` and CLIP's `position_ids`, are made for real), and the tensors read are assigned to it. So
+no second copy exists at any point: no CPU copy beside a CUDA one (on a Jetson, whose CPU and GPU share one DRAM,
+that doubled the peak), and no copy in the file's dtype beside the cast one.
+
 Where the vision tower's weights come from follows upstream: MobileVLM V2 (`'v2' in mm_projector_type`) uses the copy
 stored in the checkpoint; v1 reloads CLIP from `mm_vision_tower` and ignores the stored copy.
 """
@@ -12,18 +18,20 @@ import json
 import logging
 import pickle
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from torch import nn
 from transformers import CLIPVisionConfig
 from transformers.initialization import no_init_weights
 
 from mobilevlm_ros.errors import CheckpointError, ConfigError
 from mobilevlm_ros.model.config import MobileVLMConfig, load_config
-from mobilevlm_ros.model.mobilevlm import MobileLlamaForCausalLM
+from mobilevlm_ros.model.mobilevlm import MobileLlamaForCausalLM, VisionPath
 from mobilevlm_ros.model.preprocess import ImageProcessor
 from mobilevlm_ros.model.prompt import Tokenizer, load_tokenizer
 from mobilevlm_ros.model.vision import CLIP_VIT_L_14_336
@@ -53,31 +61,76 @@ class LoadedCheckpoint:
 
 
 def load_checkpoint(
-    model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", with_language_model: bool = True
+    model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", with_language_model: bool = True,
+    with_vision: bool = True,
 ) -> LoadedCheckpoint:
     """Everything needed to run the checkpoint in `model_dir`, in `dtype` on `device`.
 
     `with_language_model=False` loads only the vision tower and projector, for a language backend that has its own
     copy of the LLM (a GGUF): the LLM's weights are never read and its parameters stay on the meta device.
+    `with_vision=False` leaves the vision tower and projector out, for a vision backend that runs its own compiled copy
+    (an ONNX graph, a TensorRT engine, an mmproj): their weights are never read and the model has no `vision_path`.
+    The image processor comes with either.
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ConfigError(f"{model_dir}: not a directory")
     config = load_config(model_dir)
     tokenizer = load_tokenizer(model_dir)
-    keep = None if with_language_model else is_vision_key
-    weights, sources = read_weights(model_dir, keep, dtype)
-
+    keep = _keep(with_language_model, with_vision)
+    device = torch.device(device)
     tower_dir = resolve_vision_tower_dir(config.mm_vision_tower, model_dir)
     vision_config = load_vision_config(config, tower_dir)
-    stored = [key for key in weights if key.startswith(VISION_TOWER_PREFIX)]
+    read_keep = keep
+    if with_vision and not config.is_v2 and tower_dir is not None and has_weights(tower_dir):
+        # v1 takes the tower from `mm_vision_tower`: a copy stored in the checkpoint is never read
+        logger.info("v1 checkpoint: vision tower weights from %s (as upstream; any copy stored in the checkpoint is ignored)",
+                    tower_dir)
+        read_keep = lambda key: not key.startswith(VISION_TOWER_PREFIX) and (keep is None or keep(key))  # noqa: E731
+    weights, sources = read_weights(model_dir, read_keep, dtype, device)
+    if with_vision:
+        _take_vision_tower(weights, sources, config, model_dir, tower_dir, dtype, device)
+
+    with parameters_on_meta(), no_init_weights():
+        model = MobileLlamaForCausalLM(config, vision_config)
+    check_state_dict(model, weights, sources, model_dir, keep)
+    model.load_state_dict(weights, assign=True, strict=keep is None)
+    del weights
+    if not with_vision:
+        model.release_vision_path()
+    # The parameters are on the device already; the buffers made at construction follow them. Without the language
+    # model its parameters stay on the meta device (a GGUF runs it), and only the vision path moves.
+    if with_language_model:
+        model.to(device)
+    elif with_vision:
+        model.vision_path.to(device)
+    model.eval()
+
+    image_processor = ImageProcessor.from_tower_dir(tower_dir, vision_config.image_size, config.image_aspect_ratio == "pad")
+    return LoadedCheckpoint(model, tokenizer, image_processor, config)
+
+
+def _keep(with_language_model: bool, with_vision: bool) -> Callable[[str], bool] | None:
+    """Which checkpoint keys to read (None: all)."""
+    if with_language_model and with_vision:
+        return None
+    if with_vision:
+        return is_vision_key
+    if with_language_model:
+        return lambda key: not is_vision_key(key)
+    return lambda key: False
+
+
+def _take_vision_tower(
+    weights: dict[str, torch.Tensor], sources: dict[str, str], config: MobileVLMConfig, model_dir: Path, tower_dir: Path | None,
+    dtype: torch.dtype, device: torch.device,
+) -> None:
+    """Make `weights` hold the vision tower upstream would load: for V2 the copy stored in the checkpoint; for v1 the
+    CLIP of `mm_vision_tower` (the stored copy is dropped), or the stored copy when that directory is not on disk."""
+    stored = [key for key in weights if key.startswith(VISION_TOWER_PREFIX)]  # none for v1 with a tower directory
     tower_dir_has_weights = tower_dir is not None and has_weights(tower_dir)
     if tower_dir_has_weights and not (stored and config.is_v2):
-        if stored:
-            logger.info("v1 checkpoint: vision tower weights from %s; the copy stored in the checkpoint is ignored (as upstream)", tower_dir)
-        for key in stored:
-            del weights[key], sources[key]
-        tower_weights, tower_sources = read_weights(tower_dir, dtype=dtype)
+        tower_weights, tower_sources = read_weights(tower_dir, lambda key: key.startswith("vision_model."), dtype, device)
         for key, tensor in clip_vision_weights(tower_weights, tower_dir).items():
             weights[VISION_TOWER_PREFIX + key] = tensor
             sources[VISION_TOWER_PREFIX + key] = str(tower_dir / tower_sources[key])
@@ -87,37 +140,54 @@ def load_checkpoint(
     elif not config.is_v2 and tower_dir is None:
         logger.warning("v1 checkpoint: %r is not on disk; using the vision tower weights stored in the checkpoint", config.mm_vision_tower)
 
-    with no_init_weights():
-        model = MobileLlamaForCausalLM(config, vision_config)
-    if not with_language_model:  # the uninitialised LLM parameters were never touched; drop them
-        for module in (model.model.embed_tokens, model.model.layers, model.model.norm, model.lm_head):
-            module.to("meta")
-    check_state_dict(model, weights, sources, model_dir, keep)
-    model.load_state_dict(weights, assign=True, strict=with_language_model)
-    if with_language_model:
-        model.to(device)
-    else:
-        model.vision_path.to(device)
-    model.eval()
 
-    image_processor = ImageProcessor.from_tower_dir(tower_dir, vision_config.image_size, config.image_aspect_ratio == "pad")
-    return LoadedCheckpoint(model, tokenizer, image_processor, config)
+def load_vision_path(model_dir: str | Path) -> VisionPath:
+    """The checkpoint's vision tower + projector alone, in fp32 on the CPU: what ONNX export and mmproj writing read
+    when no loaded model is at hand (building an artifact before the language model loads)."""
+    return load_checkpoint(model_dir, with_language_model=False).model.vision_path
+
+
+def vision_tower_config(model_dir: str | Path) -> CLIPVisionConfig:
+    """The vision tower's config (image size, width) from the checkpoint's files, without reading any weights."""
+    model_dir = Path(model_dir)
+    config = load_config(model_dir)
+    return load_vision_config(config, resolve_vision_tower_dir(config.mm_vision_tower, model_dir))
 
 
 def is_vision_key(key: str) -> bool:
     return key.startswith(VISION_PREFIXES)
 
 
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device (shapes only, no memory) and their buffers for
+    real: buffers are computed at construction (rotary `inv_freq`, CLIP's `position_ids`), not read from the files,
+    and they are small. (Building under `torch.device("meta")` would put those buffers on the meta device too.)"""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, parameter: nn.Parameter | None) -> None:
+        if parameter is not None and not parameter.is_meta:
+            parameter = nn.Parameter(parameter.to("meta"), requires_grad=parameter.requires_grad)
+        register(module, name, parameter)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
 def read_weights(
-    model_dir: Path, keep: Callable[[str], bool] | None = None, dtype: torch.dtype | None = None
+    model_dir: Path, keep: Callable[[str], bool] | None = None, dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors of a checkpoint directory (those whose names `keep` accepts; floating ones cast to `dtype`),
-    and the file each came from (named in errors)."""
+    """The tensors of a checkpoint directory (those whose names `keep` accepts; floating ones cast to `dtype`), on
+    `device`, and the file each came from (named in errors)."""
     for index_name, single_name in _WEIGHT_LAYOUTS:
         if (model_dir / index_name).is_file():
-            return _read_sharded(model_dir / index_name, keep, dtype)
+            return _read_sharded(model_dir / index_name, keep, dtype, device)
         if (model_dir / single_name).is_file():
-            tensors = read_weight_file(model_dir / single_name, keep, dtype)
+            tensors = read_weight_file(model_dir / single_name, keep, dtype, device)
             return tensors, dict.fromkeys(tensors, single_name)
     raise CheckpointError(f"{model_dir}: no weights (expected model.safetensors or pytorch_model.bin, single or with an index)")
 
@@ -127,7 +197,7 @@ def has_weights(model_dir: Path) -> bool:
 
 
 def _read_sharded(
-    index_path: Path, keep: Callable[[str], bool] | None, dtype: torch.dtype | None
+    index_path: Path, keep: Callable[[str], bool] | None, dtype: torch.dtype | None, device: str | torch.device
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
@@ -140,7 +210,7 @@ def _read_sharded(
         listed = {key for key, file in weight_map.items() if file == shard and (keep is None or keep(key))}
         if not listed:
             continue
-        shard_tensors = read_weight_file(index_path.parent / shard, keep, dtype)
+        shard_tensors = read_weight_file(index_path.parent / shard, keep, dtype, device)
         if missing := sorted(listed - shard_tensors.keys()):
             raise CheckpointError(f"{index_path.parent / shard}: missing tensors the index lists: {_short_list(missing)}")
         if unlisted := sorted(shard_tensors.keys() - listed):
@@ -150,37 +220,64 @@ def _read_sharded(
     return tensors, sources
 
 
-def read_weight_file(path: Path, keep: Callable[[str], bool] | None = None, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """One safetensors or torch file; a pickle may hold only tensors (`weights_only=True` refuses anything else).
+def read_weight_file(
+    path: Path, keep: Callable[[str], bool] | None = None, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+) -> dict[str, torch.Tensor]:
+    """One safetensors or torch file, its tensors on `device`; a pickle may hold only tensors (`weights_only=True`
+    refuses anything else).
 
-    With `keep`, only the accepted tensors are read (the rest of a torch file is mapped, not loaded). Safetensors are
-    read one tensor at a time and cast as they come, so the peak memory is what is kept plus one tensor (a 1.7B fp16
-    checkpoint loaded as fp32: 6.7 GB peak instead of 9.9, and faster): the file is reopened for each tensor because
-    its mapped pages stay resident while it is open.
+    With `keep`, only the accepted tensors are read. Tensors are read, moved and cast one at a time, so the peak
+    memory is what is kept plus one tensor (a 1.7B fp16 checkpoint loaded as fp32: 6.7 GB peak instead of 9.9; on
+    CUDA, the host holds one tensor at a time). A safetensors file is reopened for each tensor because its mapped
+    pages stay resident while it is open. A torch file is one pickle: it is read whole (or mapped) and each tensor's
+    source is dropped once the tensor is placed. Parameters never point into a mapped file: a checkpoint overwritten
+    in place while the model runs can neither change them nor fault.
     """
     if not path.is_file():
         raise CheckpointError(f"{path}: missing")
+    device = torch.device(device)
 
-    def cast(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+    def place(tensor: torch.Tensor, mapped: bool) -> torch.Tensor:
+        cast = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+        placed = tensor.to(device=device, dtype=cast)
+        if mapped and placed.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr():
+            placed = placed.clone()  # still the file's pages: copy them out
+        return placed
 
-    try:
-        if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors":
+        with _reading(path):
             with safe_open(path, framework="pt") as handle:
                 names = [key for key in handle.keys() if keep is None or keep(key)]
-            tensors = {}
-            for key in names:
-                with safe_open(path, framework="pt") as handle:  # reopened: closing unmaps the pages just read
-                    tensors[key] = cast(handle.get_tensor(key))
-        else:
-            tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=keep is not None)
-            if keep is not None and isinstance(tensors, dict):
-                tensors = {key: value for key, value in tensors.items() if isinstance(key, str) and keep(key)}
+        tensors = {}
+        for key in names:
+            with _reading(path), safe_open(path, framework="pt") as handle:  # reopened: closing unmaps the pages just read
+                tensor = handle.get_tensor(key)  # a host copy of one tensor (what safetensors' own device= makes too)
+            tensors[key] = place(tensor, mapped=False)
+        return tensors
+    # torch maps only its zip format. Mapped, the tensors left out are never read and, on CUDA, the host holds file
+    # pages (which the kernel can drop) rather than a copy; for a whole load on the CPU a read is one copy, freed as
+    # the tensors are placed.
+    mapped = zipfile.is_zipfile(path) and (keep is not None or device.type != "cpu")
+    with _reading(path):
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
+    if not isinstance(loaded, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()):
+        raise CheckpointError(f"{path}: expected a flat mapping of names to tensors")
+    tensors = {}
+    for key in list(loaded):
+        tensor = loaded.pop(key)  # dropped as soon as it is placed: the file's copy and ours overlap by one tensor
+        if keep is None or keep(key):
+            tensors[key] = place(tensor, mapped)
+    return tensors
+
+
+@contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Errors of the file's reader as a CheckpointError naming the file (placing a tensor is outside: a CUDA
+    out-of-memory is not a corrupt file)."""
+    try:
+        yield
     except (SafetensorError, OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
         raise CheckpointError(f"{path}: unreadable or corrupt weight file ({type(error).__name__}: {error})") from error
-    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()):
-        raise CheckpointError(f"{path}: expected a flat mapping of names to tensors")
-    return {key: cast(tensor) for key, tensor in tensors.items()}
 
 
 def check_state_dict(

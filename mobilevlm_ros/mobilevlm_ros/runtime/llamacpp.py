@@ -28,6 +28,18 @@ from mobilevlm_ros.runtime.language import check_room
 logger = logging.getLogger(__name__)
 
 
+FLASH_ATTENTION_TYPES = {"auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                         "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED}
+
+
+def flash_attention_setting(flash_attention: bool | None, offloaded: bool) -> str:
+    """"auto", "on" or "off" (FLASH_ATTENTION_TYPES): None is auto when layers are offloaded to a GPU, else off (the
+    CPU path as it was measured); a bool forces it."""
+    if flash_attention is None:
+        return "auto" if offloaded else "off"
+    return "on" if flash_attention else "off"
+
+
 class LlamaCppLanguageModel:
     """A GGUF model with one llama.cpp context; `new_cache()` hands out one of its `max_sequences` sequences."""
 
@@ -41,18 +53,26 @@ class LlamaCppLanguageModel:
         kv_cells: int | None = None,
         threads: int | None = None,
         batch_size: int = 512,
-        flash_attention: bool = False,
+        flash_attention: bool | None = None,
         gpu_layers: int = -1,
         mmap: bool = False,
         amx: bool | None = None,
     ):
         """`context_length` defaults to the model's; `kv_cells` (shared by all sequences) to `context_length`.
-        `gpu_layers` -1 offloads every layer when llama.cpp was built with a GPU backend (ignored otherwise).
+        `gpu_layers` -1 offloads every layer when llama.cpp was built with a GPU backend (ignored otherwise: a CPU-only
+        build next to a CUDA GPU is logged as a warning, since the LLM then runs on the CPU cores).
+        `flash_attention` None (the default) is llama.cpp's automatic choice (on where the device holding the layers
+        supports it) when layers are offloaded to a GPU, and off on the CPU; True or False force it.
         `mmap` maps the file instead of reading it: the CPU backend repacks quantized weights into its own buffers,
         and the mapped pages it read stay resident too (a 1.4B Q4_K_S model adds 1.8 GB of RSS mapped, 1.2 GB read).
         `amx` lets llama.cpp use its AMX buffer type (None: only on CPUs without AMX, see `ggml.amx_allowed`)."""
         init_llama_cpp()
         self.path = Path(gguf_path)
+        offload = bool(llama_cpp.llama_supports_gpu_offload())
+        if gpu_layers != 0 and not offload and torch.cuda.is_available():
+            logger.warning("llama-cpp-python %s is a CPU-only build: the language model runs on the CPU cores although a CUDA "
+                           "GPU is present; build it with CUDA (README: llama.cpp on a Jetson)", llama_cpp.__version__)
+        self.flash_attention = flash_attention_setting(flash_attention, offload and gpu_layers != 0)
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = 999 if gpu_layers < 0 else gpu_layers
         model_params.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP if mmap else llama_cpp.LLAMA_LOAD_MODE_NONE
@@ -72,7 +92,7 @@ class LlamaCppLanguageModel:
         params.n_seq_max = max_sequences
         params.kv_unified = True
         params.n_threads = params.n_threads_batch = self.threads
-        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attention else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        params.flash_attn_type = FLASH_ATTENTION_TYPES[self.flash_attention]
         params.no_perf = True
         context = llama_cpp.llama_init_from_model(model, params)
         if not context:
@@ -92,8 +112,9 @@ class LlamaCppLanguageModel:
         self._released: list[int] = []  # sequences of collected caches, cleared at the next use of the context
         self._lock = threading.Lock()  # one context: decodes from several threads must not interleave
         self._finalizer = weakref.finalize(self, _free_native, model, context, self._token_batch, self._embed_batch)
-        logger.info("llama.cpp: %s, %d KV cells for %d sequences, %d threads, weights in %s", self.path.name, self.kv_cells,
-                    max_sequences, self.threads, ", ".join(f"{name} {mib:.0f} MiB" for name, mib in self.model_buffers.items()))
+        logger.info("llama.cpp: %s, %d KV cells for %d sequences, %d threads, flash attention %s, weights in %s", self.path.name,
+                    self.kv_cells, max_sequences, self.threads, self.flash_attention,
+                    ", ".join(f"{name} {mib:.0f} MiB" for name, mib in self.model_buffers.items()))
 
     def _batch_views(self, batch: llama_cpp.llama_batch, payload: str) -> dict[str, np.ndarray]:
         n = self.batch_size

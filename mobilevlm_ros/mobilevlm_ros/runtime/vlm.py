@@ -11,12 +11,12 @@ from PIL import Image
 
 from mobilevlm_ros import choices
 from mobilevlm_ros.choices import AUTO, IMAGE_MODES, LANGUAGE_BACKENDS, check_choice
-from mobilevlm_ros.errors import PromptError
+from mobilevlm_ros.errors import ConfigError, PromptError
 from mobilevlm_ros.model.config import MobileVLMConfig
 from mobilevlm_ros.model.preprocess import ChannelOrder, ImageInput, ImageProcessor, to_pil_rgb
 from mobilevlm_ros.model.prompt import IMAGE_PLACEHOLDER, Tokenizer, build_prompt, check_question, tiled_image_text, tokenize_with_image
 from mobilevlm_ros.model.tiling import DEFAULT_MAX_TILES, Box, Grid, roi_box, tile_boxes, tile_grid
-from mobilevlm_ros.runtime.backends import default_device, load_language, load_vision
+from mobilevlm_ros.runtime.backends import default_device, load_language, open_vision, resolve_artifacts
 from mobilevlm_ros.runtime.language import LanguageBackend
 from mobilevlm_ros.runtime.sampling import SamplingParams
 from mobilevlm_ros.runtime.session import PerTileSession, Session
@@ -64,35 +64,50 @@ class MobileVLM:
         language: str = "torch",
         quant: str = "q4_k_s",
         engines_dir: str | Path | None = None,
-        build: bool = True,
+        build: bool | str = "if_missing",
         vision: str = "torch",
         vision_precision: str = AUTO,
         int8: bool = False,
         llama_amx: bool | None = None,
+        engine_path: str | Path | None = None,
     ) -> "MobileVLM":
         """Load a checkpoint directory; fp16 on CUDA and fp32 on CPU unless `dtype` says otherwise.
 
-        `language="llamacpp"` runs the LLM from a GGUF (`quant`: q4_k_s, q4_k_m, q8_0, f16, f32) taken from the artifact
-        cache in `engines_dir`, built there first when missing or stale (or an ArtifactError with `build=False`).
-        Then only the vision tower and projector are loaded into torch, in `dtype` on `device`. Its sessions share one
-        KV buffer of the context length, at most 4 open at once (BackendError beyond; a dropped session frees its place).
+        Artifacts (GGUF, ONNX graph, TensorRT engine, mmproj) come from the artifact cache in `engines_dir` and are
+        resolved before any weights load. `build` (choices.ENGINE_BUILD) says when they are built: "if_missing" (the
+        default) builds a missing or stale one first, without the LLM in memory; "never" raises one ArtifactError
+        naming every missing artifact and the `mobilevlm build` command for each (a robot's choice: no minutes-long
+        build, and no build beside the loaded LLM, at start-up); "always" rebuilds them. True and False mean
+        if_missing and never. `engine_path` puts the vision backend's artifact at that file (its manifest beside it,
+        `<file>.json`) instead of the cache's name: an engine built ahead with `mobilevlm build --engine-path`.
+
+        `language="llamacpp"` runs the LLM from a GGUF (`quant`: q4_k_s, q4_k_m, q8_0, f16, f32); torch then loads no
+        LLM weights, only the vision tower and projector (in `dtype` on `device`) when torch runs the vision. Its
+        sessions share one KV buffer of the context length, at most 4 open at once (BackendError beyond; a dropped
+        session frees its place). The torch backend's sessions share one static KV buffer on CUDA (any number open).
         `llama_amx` lets llama.cpp use its AMX weight buffers; None (the default) does only on CPUs without AMX, because
         its AMX matmul crashes on some Intel CPUs that have it (ggml.py; CPU repacking stays on).
         `vision="onnxruntime"` runs the exported vision graph (`vision_precision` fp32, the default, or int8),
         `vision="tensorrt"` an engine built for this GPU (fp16, the default, fp32 or int8; int8 engines are built
         beforehand by `mobilevlm build --calibration-dir`), `vision="ggml"` llama.cpp's own image encoder (mtmd) on an
         mmproj GGUF (fp16, the default, or fp32; runtime/ggml_vision.py; on the GPU when llama.cpp was built with one,
-        like the llamacpp language backend, whatever `device` says); they come from the same artifact cache and
-        replace the torch tower and projector, which are then freed. A precision the backend cannot run is a ConfigError
-        (choices.py holds the table). `int8` quantizes the torch LLM's weights.
+        like the llamacpp language backend, whatever `device` says); they replace the torch tower and projector, whose
+        weights are then never loaded. A precision the backend cannot run is a ConfigError (choices.py holds the table).
+        `int8` quantizes the torch LLM's weights.
         """
         check_choice("language backend", language, LANGUAGE_BACKENDS)
         precision = choices.vision_precision(vision, vision_precision)  # a bad combination fails before anything loads
+        policy = choices.engine_build_policy(build)
+        if not Path(path).is_dir():
+            raise ConfigError(f"{path}: not a directory")
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         started = time.perf_counter()
-        checkpoint, language_backend = load_language(path, language, device, dtype, quant, engines_dir, build, int8, llama_amx)
-        vision_backend = load_vision(checkpoint.model, Path(path), vision, precision, device, engines_dir, build)
+        language_file, vision_file = resolve_artifacts(Path(path), language, quant, vision, precision, engines_dir, policy,
+                                                       engine_path)
+        checkpoint, language_backend = load_language(path, language, device, dtype, language_file, int8, llama_amx,
+                                                     with_vision=vision == "torch")
+        vision_backend = open_vision(vision, vision_file, checkpoint.model, device)
         vlm = cls(checkpoint.tokenizer, checkpoint.image_processor, checkpoint.config, vision_backend, language_backend)
         logger.info(
             "loaded %s (%s; vision %s, %s on %s; language %s) in %.1f s",
