@@ -242,5 +242,5 @@ def setup_llamacpp_mtmd(gguf_path: str, mmproj_path: str, amx: bool | None) -> t
 
     info = {"pipeline": "llama.cpp mtmd C API as llama-mtmd-cli: mtmd_tokenize, mtmd_helper_eval_chunks' steps, greedy sampler",
             "load_s": load_s, "vision_threads": pipeline.threads, "llama_cpp_buffers": pipeline.buffers,
-            "mmproj": Path(mmproj_path).name}
+            "mmproj": Path(mmproj_path).name, "flash_attention": "auto (llama.cpp's default; ours: off)", "mmap": True}
     return run, info
