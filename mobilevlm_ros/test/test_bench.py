@@ -100,6 +100,7 @@ def test_tiny_bench_against_llamacpp_mtmd_with_a_plot(tmp_path, capsys):
     assert "| 2nd question TTFT, same frame, llama-server's prompt cache (s) | - | " in printed
     assert f"mmproj: {mmproj['path'].rsplit('/', 1)[1]}, f16" in printed
     assert result["machine"]["date"] in printed
+    assert result["machine"]["load_average"]["samples"] >= 1 and "load average while timing: mean " in printed
     with Image.open(tmp_path / "bench.png") as image:
         image.verify()
         assert image.format == "PNG" and image.size[0] >= 800

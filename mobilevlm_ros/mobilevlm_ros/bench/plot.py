@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from mobilevlm_ros.bench import BenchResult
-from mobilevlm_ros.bench.report import machine_line
+from mobilevlm_ros.bench.report import load_line, machine_line
 
 STAGES = ("preprocess", "vision", "prefill", "decode")
 COLOURS = {"preprocess": "#9ecae1", "vision": "#3182bd", "prefill": "#fd8d3c", "decode": "#74c476"}
@@ -32,8 +32,9 @@ def title(result: BenchResult) -> str:
     options = result.options
     model = options.model or f"MobileVLM {options.size} dims (random weights)"
     date = result.machine.get("date", "")
+    load = f"; {load_line(result.machine['load_average'])}" if "load_average" in result.machine else ""
     return (f"{model}: image -> {options.new_tokens}-token answer, median of {options.repeats}   {date}\n"
-            f"CPU: {machine_line(result.machine)}")
+            f"CPU: {machine_line(result.machine)}{load}")
 
 
 def plot(result: BenchResult, path: str | Path) -> Path:

@@ -98,7 +98,8 @@ def markdown(result: BenchResult) -> str:
         f"MobileVLM bench: {options.model or options.size + ' (random weights)'}, {options.new_tokens} new tokens, "
         f"median of {options.repeats}",
         "",
-        "CPU: " + machine_line(result.machine) + (f", {result.machine['date']}" if "date" in result.machine else ""),
+        "CPU: " + machine_line(result.machine) + (f", {result.machine['date']}" if "date" in result.machine else "")
+        + (f"; {load_line(result.machine['load_average'])}" if "load_average" in result.machine else ""),
         "",
         "| metric | " + " | ".join(names) + " |",
         "|---|" + "---:|" * len(names),
@@ -124,6 +125,10 @@ def markdown(result: BenchResult) -> str:
         met = "-" if ratio["met"] is None else "yes" if ratio["met"] else "NO"
         lines.append(f"| {name} | {ratio['value']:.3f} | {ratio['target']} | {met} |")
     return "\n".join(lines) + "\n"
+
+
+def load_line(load: dict[str, float]) -> str:
+    return f"load average while timing: mean {load['mean']:.1f}, max {load['max']:.1f}"
 
 
 def machine_line(machine: dict[str, Any]) -> str:

@@ -1,7 +1,9 @@
 """One bench run in order: the model (and its GGUF) made, each pipeline timed in its own process, the ratios taken."""
 
 import datetime
+import os
 import platform
+import threading
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -41,24 +43,26 @@ def run_bench(options: BenchOptions) -> BenchResult:
     precision = vision_precision(options.vision, options.vision_precision)
     vision = "" if options.vision == "torch" else f", {options.vision} {precision} vision"
     ours = f"ours ({options.language} " + (options.quant if options.language == "llamacpp" else options.vision_dtype) + f"{vision})"
-    with ExitStack() as stack:
-        group = {ours: stack.enter_context(Worker(setup_ours, str(model_dir), options, engines_dir))}
-        if "llamacpp-plain" in options.vs:
-            prompt_tokens = group[ours].run(min(4, options.new_tokens))["prompt_tokens"]  # its warm-up
-            group[f"llama-cpp-python plain ({options.quant})"] = stack.enter_context(
-                Worker(setup_llamacpp_plain, str(model_dir), result.gguf["path"], prompt_tokens, options.llama_amx)
-            )
-        if "llamacpp-mtmd" in options.vs:
-            group[f"llama.cpp mtmd ({options.quant}, {result.mmproj['file_type']} mmproj)"] = stack.enter_context(
-                Worker(setup_llamacpp_mtmd, result.gguf["path"], result.mmproj["path"], options.llama_amx)
-            )
-        if options.vision != "torch":
-            torch_vision = Worker(setup_torch_vision, str(model_dir), options)
-            group[f"torch eager vision ({options.vision_dtype})"] = stack.enter_context(torch_vision)
-        result.pipelines |= alternate(group, options.new_tokens, options.repeats)
-    if "reference" in options.vs:
-        with Worker(setup_reference, str(model_dir), options) as reference:
-            result.pipelines |= alternate({"reference (transformers)": reference}, options.new_tokens, options.repeats)
+    with LoadMonitor() as load:
+        with ExitStack() as stack:
+            group = {ours: stack.enter_context(Worker(setup_ours, str(model_dir), options, engines_dir))}
+            if "llamacpp-plain" in options.vs:
+                prompt_tokens = group[ours].run(min(4, options.new_tokens))["prompt_tokens"]  # its warm-up
+                group[f"llama-cpp-python plain ({options.quant})"] = stack.enter_context(
+                    Worker(setup_llamacpp_plain, str(model_dir), result.gguf["path"], prompt_tokens, options.llama_amx)
+                )
+            if "llamacpp-mtmd" in options.vs:
+                group[f"llama.cpp mtmd ({options.quant}, {result.mmproj['file_type']} mmproj)"] = stack.enter_context(
+                    Worker(setup_llamacpp_mtmd, result.gguf["path"], result.mmproj["path"], options.llama_amx)
+                )
+            if options.vision != "torch":
+                torch_vision = Worker(setup_torch_vision, str(model_dir), options)
+                group[f"torch eager vision ({options.vision_dtype})"] = stack.enter_context(torch_vision)
+            result.pipelines |= alternate(group, options.new_tokens, options.repeats)
+        if "reference" in options.vs:
+            with Worker(setup_reference, str(model_dir), options) as reference:
+                result.pipelines |= alternate({"reference (transformers)": reference}, options.new_tokens, options.repeats)
+    result.machine["load_average"] = load.summary()
     result.ratios = ratios(result.pipelines, ours)
     return result
 
@@ -70,6 +74,34 @@ def build_gguf(model_dir: str, quant: str, engines_dir: str | None) -> dict[str,
     artifact = llm_gguf_artifact(model_dir, quant, engines_dir)
     return {"path": str(artifact.path), "size_mb": artifact.manifest["size"] / 1e6, "built_now": artifact.built,
             "build_s": artifact.manifest["build_seconds"], "tensor_types": artifact.manifest["details"].get("tensor_types")}
+
+
+class LoadMonitor:
+    """The machine's 1-minute load average, read every `interval` seconds while pipelines are timed: on a shared
+    machine, how busy it was besides them (the timed pipeline itself adds up to its thread count)."""
+
+    def __init__(self, interval: float = 5.0):
+        self.samples: list[float] = []
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        while True:
+            self.samples.append(os.getloadavg()[0])
+            if self._stop.wait(self._interval):
+                return
+
+    def __enter__(self) -> "LoadMonitor":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict[str, float]:
+        return {"mean": sum(self.samples) / len(self.samples), "max": max(self.samples), "samples": len(self.samples)}
 
 
 def mmproj_type(options: BenchOptions) -> str:
