@@ -51,6 +51,7 @@ setup(
         # Optional backends: `auto` uses them when they are installed.
         "llamacpp": ["llama-cpp-python", "gguf"],
         "onnx": ["onnx>=1.12", "onnxruntime"],  # onnx 1.12: opset 17 (LayerNormalization)
+        "bench": ["matplotlib>=3.6"],  # `mobilevlm bench --plot` (3.6: the layout="constrained" keyword)
         # An extra, not `tests_require`: setuptools >= 72 no longer knows that option and warns about it.
         "test": ["pytest"],
     },

@@ -135,7 +135,7 @@ def timed(function: Callable[[], Any], device: Any, repeats: int, warmup: int = 
 
 
 def frame() -> Any:
-    from mobilevlm_ros.bench.pipelines import bench_frame
+    from mobilevlm_ros.bench.workload import bench_frame
 
     return bench_frame()
 

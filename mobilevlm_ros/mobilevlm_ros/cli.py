@@ -110,6 +110,11 @@ def _bench(args: argparse.Namespace) -> int:
         raise PromptError("--new-tokens must be at least 2 (decode speed needs two tokens) and --repeats at least 1")
     if options.tiles < 0:
         raise PromptError(f"--tiles must be 0 (off) or a tile budget, got {options.tiles}")
+    if args.plot:  # before the minutes of the bench, not after
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ConfigError("--plot needs matplotlib: pip install matplotlib (or the package's 'bench' extra)") from None
     result = run_bench(options)
     table = markdown(result)
     sys.stdout.write(table)
@@ -117,6 +122,10 @@ def _bench(args: argparse.Namespace) -> int:
         Path(args.markdown).write_text(table, encoding="utf-8")
     if args.json:
         Path(args.json).write_text(to_json(result), encoding="utf-8")
+    if args.plot:
+        from mobilevlm_ros.bench.plot import plot
+
+        plot(result, args.plot)
     return 0
 
 
@@ -280,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--vision", default="torch", choices=VISION_BACKENDS,
                        help="our vision backend; other than torch, torch eager is timed beside it (default torch)")
     _add_precision_argument(bench, "--vision-precision")
-    bench.add_argument("--vs", action="append", default=[], choices=["reference", "llamacpp-plain"], help="baseline to time too (repeatable)")
+    bench.add_argument("--vs", action="append", default=[], choices=["reference", "llamacpp-plain", "llamacpp-mtmd"],
+                       help="baseline to time too (repeatable); llamacpp-mtmd: llama.cpp's own image pipeline (mtmd)")
     bench.add_argument("--new-tokens", type=int, default=64, help="tokens per answer, EOS suppressed (default 64)")
     bench.add_argument("--repeats", type=int, default=3, help="timed runs per pipeline after a warm-up; medians reported (default 3)")
     bench.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -293,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_llama_amx_argument(bench)
     bench.add_argument("--json", default=None, help="also write the results as JSON to this file")
     bench.add_argument("--markdown", default=None, help="also write the Markdown table to this file")
+    bench.add_argument("--plot", default=None, metavar="FILE.png",
+                       help="also draw stage times per pipeline and decode tok/s as a PNG (needs matplotlib)")
     bench.set_defaults(run=_bench)
 
     doctor = commands.add_parser("doctor", help="which backends can run here, and why not")

@@ -61,15 +61,16 @@ def init_llama_cpp() -> None:
 
 
 def init_mtmd() -> None:
-    """`init_llama_cpp`, and the log of libmtmd (llama.cpp's image encoder: clip and mtmd), which has a hook of its
-    own, routed the same way (once per process)."""
+    """`init_llama_cpp`, and the log of libmtmd (llama.cpp's image encoder: clip and mtmd, and mtmd's helpers, which
+    the bench's llama.cpp mtmd pipeline calls), which has hooks of its own, routed the same way (once per process)."""
     global _mtmd_initialized
     init_llama_cpp()
     with _init_lock:
         if not _mtmd_initialized:
             from llama_cpp import mtmd_cpp  # loads libmtmd: only for the ggml vision backend
 
-            mtmd_cpp.mtmd_log_set(_route_log, ctypes.c_void_p(0))
+            # The helpers' hook (mtmd-helper.cpp); setting it sets clip's and mtmd's too (mtmd_log_set).
+            mtmd_cpp.mtmd_helper_log_set(_route_log, ctypes.c_void_p(0))
             _mtmd_initialized = True
 
 

@@ -4,6 +4,7 @@ run at a time on request, so that pipelines can take turns run by run."""
 import resource
 import signal
 import statistics
+import sys
 import traceback
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -94,9 +95,10 @@ def alternate(workers: dict[str, Worker], new_tokens: int, repeats: int) -> dict
 
 
 def _peak_memory() -> dict[str, float]:
-    import torch
-
+    """The process's peak RSS, and its peak CUDA memory when the pipeline used torch on a GPU (torch is not imported
+    here for pipelines that never imported it: importing it would add to their memory)."""
     memory = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         memory["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return memory
