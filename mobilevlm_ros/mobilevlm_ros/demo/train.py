@@ -104,8 +104,8 @@ def grid_position_table(grid: int, width: int) -> torch.Tensor:
 @torch.no_grad()
 def init_grid_positions(position_embedding: torch.Tensor) -> None:
     """Start the tower's learned position embedding (row 0: the class token) from the grid's 2-D codes: from a random
-    start a from-scratch tower does not know which patches are neighbours, and learns where a shape stands about four
-    times slower (per-patch position accuracy after 250 stage-0a steps: 0.42 from random, 0.89 from these codes)."""
+    start a from-scratch tower does not know which patches are neighbours, and learns where a shape stands several
+    times slower."""
     grid = VISION["image_size"] // VISION["patch_size"]
     position_embedding[0] = 0
     position_embedding[1:] = grid_position_table(grid, position_embedding.shape[1])
@@ -128,9 +128,8 @@ def patch_loss(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor])
     """Stage 0a's loss: per PATCH_ATTRIBUTES name, [patches, classes] logits against [patches] labels.
 
     Colour is learned on every patch (its class 0 says no shape owns the cell); the kind, position and nearness only
-    on the patches a shape owns. Averaged over all patches, their easy class 0 (the background, 83% of the patches)
-    drowned the kind: after 2000 steps a linear probe of the tower's features told circles, squares and triangles
-    apart on 0.69 of held-out shape patches (0.92 with this loss), and the model named the kind right 0.68 of the time."""
+    on the patches a shape owns. Averaged over all patches, their easy class 0 (the background, most of the patches)
+    drowns the kind: the tower then barely tells circles, squares and triangles apart, and neither does the model."""
     owned = labels["colour"] > 0
     return sum(F.cross_entropy(logits[name], labels[name] if name == "colour" else labels[name].masked_fill(~owned, IGNORE),
                                ignore_index=IGNORE)
@@ -202,10 +201,10 @@ class SceneSymbols(nn.Module):
     """Stage 0b's image: per token cell, the sum of learned embeddings of the attributes of the shape owning it.
 
     The LLM learns its lookups (which token holds the circle, what colour it has, is there one that is both blue and
-    a square) on these exact tokens, where they take it ~1500 steps; stage 1 then only has to teach the projector to
-    write tokens the LLM reads like them, cell by cell (after stage 1 alone, LLM frozen and trained on captions only,
-    held-out colour through the projector is 0.74 where the symbols give 0.78). Learned from real projector tokens
-    instead, the lookups came or did not come depending on the seed. Used in training only: not in the checkpoint.
+    a square) on these exact tokens; stage 1 then only has to teach the projector to write tokens the LLM reads like
+    them, cell by cell, and after it the projector's tokens serve the LLM nearly as well as the symbols. Learned from
+    real projector tokens instead, the lookups came or did not come depending on the seed. Used in training only: not
+    in the checkpoint.
     """
 
     def __init__(self, hidden_size: int):
@@ -221,9 +220,8 @@ class SceneSymbols(nn.Module):
 # The question mix of stages 0b and 2: existence and navigation, the two that must match a colour AND a shape on one
 # object, twice as often as the rest, and a third of the existence questions about an object unrelated to the scene.
 # With POPE's adversarial negatives alone (a present colour with another shape, or the reverse) the tiny LLM stays at
-# chance on existence, and the easy negatives give it a first foothold (held-out existence with perfect, symbolic,
-# image tokens after 1500 steps: 0.51 with the plain mix, 0.95 with the negatives). Navigation at the plain rate missed
-# the target among shapes of its kind: 0.79 held-out, 0.95 twice as often.
+# chance on existence even with perfect, symbolic, image tokens, and the easy negatives give it a first foothold.
+# Navigation at the plain rate misses the target among shapes of its kind far more often than twice as often.
 TRAINING_KINDS = QUESTION_KINDS + ("existence", "navigation", "navigation")
 RANDOM_NEGATIVES = 1 / 3
 
