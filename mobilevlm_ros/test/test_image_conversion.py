@@ -28,7 +28,8 @@ from mobilevlm_ros.ros.image_conversion import (
 
 HEIGHT, WIDTH = 24, 32  # non-square, so a swapped width/height shows
 PADDING_BYTE = 0xAB  # fills row padding; it must never show up in a frame
-BAYER = {"bayer_rggb8": "RGGB", "bayer_bggr8": "BGGR", "bayer_gbrg8": "GBRG", "bayer_grbg8": "GRBG"}  # 2x2 cell, row by row
+# Each Bayer encoding's 2x2 cell, row by row.
+BAYER = {"bayer_rggb8": "RGGB", "bayer_bggr8": "BGGR", "bayer_gbrg8": "GBRG", "bayer_grbg8": "GRBG"}
 
 
 def _random_frame() -> np.ndarray:
@@ -147,7 +148,8 @@ def test_bayer_keeps_each_pixels_own_sample(encoding: str) -> None:
     took: the pattern is read the right way round."""
     frame = _random_frame()
     rgb = image_to_rgb(_image(_mosaic(frame, BAYER[encoding]), encoding, padding=5))
-    np.testing.assert_array_equal(_mosaic(rgb, BAYER[encoding])[1:-1, 1:-1], _mosaic(frame, BAYER[encoding])[1:-1, 1:-1])
+    inside = (slice(1, -1), slice(1, -1))
+    np.testing.assert_array_equal(_mosaic(rgb, BAYER[encoding])[inside], _mosaic(frame, BAYER[encoding])[inside])
 
 
 @pytest.mark.parametrize("encoding", SUPPORTED_ENCODINGS)
