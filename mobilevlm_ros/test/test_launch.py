@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import shutil
 import sys
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -56,16 +55,10 @@ def launch(ros_context, distro, tmp_path) -> Iterator[Callable[..., LaunchedNode
 
 
 def assert_node_stopped(log: str) -> None:
-    """The node answered Ctrl-C: it stopped serving ("stopped in N s") and its process exited cleanly.
-
-    Known defect, left to the node's rewrite (issue 21): in about 1 of 10 launches the node's process then hangs in
-    the garbage collector during interpreter shutdown (faulthandler: "Garbage-collecting, <no Python frame>"), ignores
-    SIGTERM, and launch kills it after 15 s. Reported as a warning here, so the suite stays green until it is fixed."""
+    """The node answered Ctrl-C: it stopped serving ("stopped in N s") and its process exited cleanly, by itself
+    (issue 21 saw it hang at interpreter exit in about 1 of 10 launches, until launch killed it)."""
     assert "mobilevlm_node]: stopped in " in log, log
-    if "process has finished cleanly" not in log:
-        assert "escalating to 'SIGTERM'" in log, log
-        warnings.warn("mobilevlm_node stopped serving on SIGINT but its process did not exit (known defect: it hangs "
-                      "at interpreter shutdown); launch escalated to SIGTERM/SIGKILL")
+    assert "process has finished cleanly" in log and "escalating to 'SIGTERM'" not in log, log
 
 
 @pytest.fixture(scope="module")

@@ -184,7 +184,10 @@ class MobileVLMNode(LifecycleNodeMixin, Node):
         self.create_timer(CAMERA_QOS_CHECK_S, self._follow_camera_qos)
 
     def destroy_node(self) -> None:
+        """Everything, the action server too: rclpy's destroy_node leaves it to the garbage collector, and with it the
+        node and the DDS participant that it keeps alive."""
         logging.getLogger(LIBRARY_LOGGER).removeHandler(self._log_handler)
+        self.ask_server.destroy()
         super().destroy_node()
 
     def _on_set_parameters(self, parameters: list[Parameter]) -> SetParametersResult:
@@ -603,11 +606,23 @@ def main(args: list[str] | None = None) -> int:
             time.sleep(0.01)
         node.get_logger().info(f"stopped in {time.monotonic() - started:.2f} s")
     finally:
-        executor.shutdown(timeout_sec=1.0)
-        spinner.join()
-        node.destroy_node()
-        rclpy.try_shutdown()
+        teardown(node, executor, spinner)
     return 0
+
+
+def teardown(node: MobileVLMNode, executor: MultiThreadedExecutor, spinner: threading.Thread) -> None:
+    """Destroy the executor, the node (all its entities) and the context here, in order, rather than leave any to the
+    garbage collector at interpreter exit: a middleware teardown that blocks inside the collector holds the
+    interpreter, so no Python signal handler can run (the process that ignored SIGTERM until launch killed it). Then
+    the stop signals get their default action back, for anything native that still blocks on the way out."""
+    executor.shutdown(timeout_sec=1.0)
+    spinner.join()
+    node.destroy_node()
+    rclpy.try_shutdown()
+    rclpy.get_default_context().destroy()
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_DFL)
+
 
 if __name__ == "__main__":
     sys.exit(main())
