@@ -352,14 +352,16 @@ def run_frames(args: argparse.Namespace) -> int:
         assert time.monotonic() - start < TIMEOUT_S, \
             "the node's camera subscription (as reliable as asked) and ~/vqa never appeared"
         executor.spin_once(timeout_sec=0.1)
-    # Warm-up, not counted: publish until one frame is answered, so discovery is complete both ways.
+    # Warm-up, not counted: publish until one frame is answered, so discovery is complete both ways. Without the profile
+    # on this side none may arrive for as long (a loaded machine drains its UDP socket too late): then none counts.
     warm = rgb8(args.height, args.width, 0, node.get_clock().now().to_msg())
-    while not about(ask(time.monotonic() + 5), warm.header.stamp):
-        assert time.monotonic() - start < TIMEOUT_S, "no frame of this size ever reached the node"
+    warmed = about(ask(time.monotonic() + 5), warm.header.stamp)
+    while not warmed and time.monotonic() - start < TIMEOUT_S:
         publisher.publish(warm)
         time.sleep(0.2)
-    arrived = []
-    for index in range(args.count):
+        warmed = about(ask(time.monotonic() + 5), warm.header.stamp)
+    arrived = [] if warmed else [False] * args.count
+    for index in range(args.count if warmed else 0):
         frame = rgb8(args.height, args.width, index + 1, node.get_clock().now().to_msg())
         publisher.publish(frame)  # once, as a camera publishes its next frame
         time.sleep(args.ask_after_s)
@@ -371,8 +373,8 @@ def run_frames(args: argparse.Namespace) -> int:
             time.sleep(0.1)
         arrived.append(about(response, frame.header.stamp))
     print(json.dumps({"arrived": sum(arrived), "count": args.count, "width": args.width, "height": args.height,
-                      "reliable": args.reliable, "profile": os.environ.get("FASTDDS_DEFAULT_PROFILES_FILE", "")}),
-          flush=True)
+                      "reliable": args.reliable, "warmed up": warmed,
+                      "profile": os.environ.get("FASTDDS_DEFAULT_PROFILES_FILE", "")}), flush=True)
     node.destroy_node()
     rclpy.try_shutdown()
     return 0
