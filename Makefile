@@ -97,7 +97,8 @@ $(VENV)/floors/.pillow.stamp: $(VENV_STAMP)
 
 # Jazzy's rclpy family and what the ROS-facing tests import (no llama.cpp: requirements-jazzy.txt says why), the
 # interfaces built against it: the node, interfaces, launch (Jazzy's launch only) and reliability's node tests.
-JAZZY_TESTS := test_interfaces.py test_node.py test_node_modes.py test_launch.py test_reliability.py
+JAZZY_TESTS := test_interfaces.py test_node.py test_node_modes.py test_node_lifecycle.py test_node_cameras.py test_launch.py \
+	test_reliability.py
 test-jazzy:
 	$(MAKE) --no-print-directory VENV=.venv-jazzy REQUIREMENTS=requirements-jazzy.txt venv interfaces launch-interfaces install
 	MOBILEVLM_LAUNCH_DISTROS=jazzy .venv-jazzy/bin/python -m pytest $(addprefix mobilevlm_ros/test/,$(JAZZY_TESTS)) \

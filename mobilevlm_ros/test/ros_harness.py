@@ -17,6 +17,8 @@ import cv2
 import numpy as np
 from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+from lifecycle_msgs.msg import Transition
+from lifecycle_msgs.srv import ChangeState, GetState
 from rcl_interfaces.msg import SetParametersResult
 from rcl_interfaces.srv import SetParameters
 from rclpy.action import ActionClient
@@ -52,14 +54,50 @@ def spin_until(executor: Executor, done: Callable[[], bool], what: str, timeout_
         executor.spin_once(timeout_sec=0.05)
 
 
+def call(executor: Executor, client: Any, request: Any, timeout_s: float = TIMEOUT_S) -> Any:
+    """Call a service and spin `executor` until its response; fail after `timeout_s`."""
+    assert client.wait_for_service(timeout_sec=timeout_s), f"{client.srv_name} never appeared"
+    future = client.call_async(request)
+    spin_until(executor, future.done, f"{client.srv_name} response", timeout_s)
+    return future.result()
+
+
+class LifecycleClient:
+    """A node's lifecycle_msgs services, called from outside as a lifecycle manager (nav2_lifecycle_manager) does."""
+
+    def __init__(self, node: Node, executor: Executor, fqn: str, timeout_s: float = TIMEOUT_S):
+        self.executor, self.timeout_s = executor, timeout_s
+        self.change_state = node.create_client(ChangeState, f"{fqn}/change_state")
+        self.get_state = node.create_client(GetState, f"{fqn}/get_state")
+
+    def state(self) -> str:
+        """The node's lifecycle state label (unconfigured, configuring, inactive, active, ...)."""
+        return call(self.executor, self.get_state, GetState.Request(), self.timeout_s).current_state.label
+
+    def request(self, transition: int) -> Any:
+        """Ask for `transition` (a lifecycle_msgs/Transition id); the future of the ChangeState response."""
+        assert self.change_state.wait_for_service(timeout_sec=TIMEOUT_S), "change_state never appeared"
+        return self.change_state.call_async(ChangeState.Request(transition=Transition(id=transition)))
+
+
 def stamp(sec: int) -> Time:
     return Time(sec=sec, nanosec=123)
 
 
+def rggb_mosaic(rgb: np.ndarray) -> np.ndarray:
+    """What an RGGB Bayer sensor records of `rgb`: red at even rows and columns, blue at odd ones, green elsewhere."""
+    mosaic = rgb[:, :, 1].copy()
+    mosaic[0::2, 0::2] = rgb[0::2, 0::2, 0]
+    mosaic[1::2, 1::2] = rgb[1::2, 1::2, 2]
+    return mosaic
+
+
 def encode(rgb: np.ndarray, encoding: str, stamp: Time, pad: int = 0) -> Image:
-    """A sensor_msgs/Image of `rgb` in `encoding`, rows padded by `pad` bytes."""
+    """A sensor_msgs/Image of `rgb` in `encoding`, rows padded by `pad` bytes (bayer_rggb8: the RGGB mosaic)."""
     conversions = {
-        "rgb8": lambda x: x, "bgr8": lambda x: x[:, :, ::-1],
+        "rgb8": lambda x: x, "bgr8": lambda x: x[:, :, ::-1], "8UC3": lambda x: x[:, :, ::-1],
+        "8UC1": lambda x: cv2.cvtColor(x, cv2.COLOR_RGB2GRAY),
+        "bayer_rggb8": rggb_mosaic,
         "rgba8": lambda x: np.dstack([x, np.full(x.shape[:2], 255, np.uint8)]),
         "bgra8": lambda x: np.dstack([x[:, :, ::-1], np.full(x.shape[:2], 255, np.uint8)]),
         "mono8": lambda x: cv2.cvtColor(x, cv2.COLOR_RGB2GRAY),
@@ -108,6 +146,7 @@ class Harness:
         self.vqa = self.client.create_client(VisualQuery, self.name("vqa"), qos_profile=CLIENT_QOS)
         self.navigate = self.client.create_client(NavigationInstruction, self.name("navigate"), qos_profile=CLIENT_QOS)
         self.set_parameters = self.client.create_client(SetParameters, self.name("set_parameters"))
+        self.lifecycle = LifecycleClient(self.client, self.client_executor, f"{self.ns}/{NODE_NAME}")
 
     def __enter__(self) -> "Harness":
         return self
@@ -126,7 +165,8 @@ class Harness:
         return self
 
     def close(self) -> None:
-        self.node.on_shutdown(None)
+        if self.lifecycle.state() != "finalized":
+            self.node.trigger_shutdown()
         self.executor.shutdown(timeout_sec=5)
         self.thread.join(5)
         self.node.destroy_node()
@@ -136,10 +176,7 @@ class Harness:
         spin_until(self.client_executor, done, what, timeout_s)
 
     def call(self, client: Any, request: Any) -> Any:
-        assert client.wait_for_service(timeout_sec=TIMEOUT_S), f"{client.srv_name} never appeared"
-        future = client.call_async(request)
-        self.spin_until(future.done, f"{client.srv_name} response")
-        return future.result()
+        return call(self.client_executor, client, request)
 
     def set_parameter(self, name: str, value: Any) -> SetParametersResult:
         """Set one of the node's parameters through its set_parameters service, as `ros2 param set` does."""
@@ -201,12 +238,14 @@ class ProcessClient:
         self.vqa = self.node.create_client(VisualQuery, f"/{namespace}/{NODE_NAME}/vqa", qos_profile=CLIENT_QOS)
         self.navigate = self.node.create_client(NavigationInstruction, f"/{namespace}/{NODE_NAME}/navigate", qos_profile=CLIENT_QOS)
         self.ask = ActionClient(self.node, Ask, f"/{namespace}/{NODE_NAME}/ask")
+        self.lifecycle = LifecycleClient(self.node, self.executor, f"/{namespace}/{NODE_NAME}", PROCESS_TIMEOUT_S)
         self.diagnostics: list[DiagnosticStatus] = []  # this node's statuses on /diagnostics, oldest first
         self.node.create_subscription(DiagnosticArray, "/diagnostics", lambda msg: self.diagnostics.extend(
             s for s in msg.status if s.name == f"/{namespace}/{NODE_NAME}: inference"), 10)
 
     def answer_first(self, frame: Image, question: str) -> VisualQuery.Response:
         """Ask until answered, publishing `frame` meanwhile: the camera subscription may match after the first frames."""
+        assert self.vqa.wait_for_service(timeout_sec=PROCESS_TIMEOUT_S), f"{self.vqa.srv_name} never appeared"
         asked = [self.vqa.call_async(VisualQuery.Request(question=question))]
 
         def answered() -> bool:
@@ -220,6 +259,9 @@ class ProcessClient:
 
         self.spin_until(answered, "an answer about the published frame")
         return asked[-1].result()
+
+    def call(self, client: Any, request: Any) -> Any:
+        return call(self.executor, client, request, PROCESS_TIMEOUT_S)
 
     def destroy(self) -> None:
         self.ask.destroy()

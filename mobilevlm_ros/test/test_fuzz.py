@@ -36,7 +36,8 @@ pytestmark = pytest.mark.reliability
 UINT32_MAX = 2**32 - 1
 # Bytes per pixel of each encoding sensor_msgs/image_encodings defines and the node supports (spelled out here, not
 # taken from the module under test).
-BYTES_PER_PIXEL = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "mono8": 1, "mono16": 2, "yuv422": 2, "yuv422_yuy2": 2}
+BYTES_PER_PIXEL = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "mono8": 1, "mono16": 2, "yuv422": 2, "yuv422_yuy2": 2,
+                   "bayer_rggb8": 1, "bayer_bggr8": 1, "bayer_gbrg8": 1, "bayer_grbg8": 1, "8UC1": 1, "8UC3": 3}
 MAX_DATA = 1 << 20  # messages are built up to 1 MB of pixel data
 # Conversion is cheap: it gets this many times the examples of a path that talks to the node.
 CONVERSION_FACTOR = 10

@@ -1,7 +1,8 @@
 """ROS image messages to RGB frames and back: every encoding, row padding, endianness, compressed data, hostile input.
 
 The message bytes are built here independently of the module (numpy channel shuffles; OpenCV's RGB -> YUV encoders for
-the 4:2:2 formats, whose byte order is also pinned down by hand-written pixels).
+the 4:2:2 formats, whose byte order is also pinned down by hand-written pixels; Bayer mosaics sampled by hand from the
+pattern's name).
 """
 
 from __future__ import annotations
@@ -21,30 +22,47 @@ from mobilevlm_ros.ros.image_conversion import (
     SUPPORTED_ENCODINGS,
     compressed_to_rgb,
     image_to_rgb,
+    rgb_to_compressed,
     rgb_to_image,
 )
 
 HEIGHT, WIDTH = 24, 32  # non-square, so a swapped width/height shows
 PADDING_BYTE = 0xAB  # fills row padding; it must never show up in a frame
+# Each Bayer encoding's 2x2 cell, row by row.
+BAYER = {"bayer_rggb8": "RGGB", "bayer_bggr8": "BGGR", "bayer_gbrg8": "GBRG", "bayer_grbg8": "GRBG"}
 
 
 def _random_frame() -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)
 
 
+def _mosaic(frame: np.ndarray, pattern: str) -> np.ndarray:
+    """The H x W x 1 Bayer mosaic of an RGB frame: each pixel keeps the channel its place in the 2x2 cell names."""
+    channel = np.empty(frame.shape[:2], dtype=np.intp)
+    for index, colour in enumerate(pattern):
+        channel[index // 2 :: 2, index % 2 :: 2] = "RGB".index(colour)
+    return np.take_along_axis(frame, channel[..., None], axis=2)
+
+
 def _encode(encoding: str, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """(H x W x bytes-per-pixel message pixels, expected RGB result, tolerance) for `frame` in `encoding`."""
+    """(H x W x bytes-per-pixel message pixels, expected RGB result, tolerance) for `frame` in `encoding`. Bayer
+    encodings get one colour instead of the frame: demosaicing gives a uniform frame back exactly, a random one only
+    where each pixel was sampled (test_bayer_keeps_each_pixels_own_sample)."""
     alpha = np.random.default_rng(1).integers(0, 256, frame.shape[:2] + (1,), dtype=np.uint8)
     gray = frame[..., :1]
+    if encoding in BAYER:
+        solid = np.empty_like(frame)
+        solid[...] = (200, 100, 50)
+        return _mosaic(solid, BAYER[encoding]), solid, 0
     if encoding == "rgb8":
         return frame, frame, 0
-    if encoding == "bgr8":
+    if encoding in ("bgr8", "8UC3"):
         return frame[..., ::-1], frame, 0
     if encoding == "rgba8":
         return np.concatenate([frame, alpha], axis=2), frame, 0
     if encoding == "bgra8":
         return np.concatenate([frame[..., ::-1], alpha], axis=2), frame, 0
-    if encoding == "mono8":
+    if encoding in ("mono8", "8UC1"):
         return gray, gray.repeat(3, axis=2), 0
     if encoding == "mono16":
         samples = np.random.default_rng(2).integers(0, 65536, frame.shape[:2], dtype=np.uint16)
@@ -88,7 +106,8 @@ def _assert_close(actual: np.ndarray, expected: np.ndarray, tolerance: int) -> N
 
 
 def test_every_supported_encoding_is_tested() -> None:
-    assert set(SUPPORTED_ENCODINGS) == {"rgb8", "bgr8", "rgba8", "bgra8", "mono8", "mono16", "yuv422", "yuv422_yuy2"}
+    assert set(SUPPORTED_ENCODINGS) == {"rgb8", "bgr8", "rgba8", "bgra8", "mono8", "mono16", "yuv422", "yuv422_yuy2",
+                                        *BAYER, "8UC1", "8UC3"}
 
 
 @pytest.mark.parametrize("padding", [0, 7], ids=["packed", "padded"])
@@ -121,6 +140,16 @@ def test_mono16_keeps_the_high_byte_within_one_of_cv_bridge_scaling() -> None:
 def test_yuv422_byte_order(encoding: str, black_then_white: list[int]) -> None:
     frame = image_to_rgb(_message(encoding, 2, 1, 4, bytes(black_then_white)))
     np.testing.assert_array_equal(frame, [[[0, 0, 0], [255, 255, 255]]])
+
+
+@pytest.mark.parametrize("encoding", BAYER)
+def test_bayer_keeps_each_pixels_own_sample(encoding: str) -> None:
+    """Away from the border (which OpenCV fills from its neighbours), every pixel keeps the sample its sensor cell
+    took: the pattern is read the right way round."""
+    frame = _random_frame()
+    rgb = image_to_rgb(_image(_mosaic(frame, BAYER[encoding]), encoding, padding=5))
+    inside = (slice(1, -1), slice(1, -1))
+    np.testing.assert_array_equal(_mosaic(rgb, BAYER[encoding])[inside], _mosaic(frame, BAYER[encoding])[inside])
 
 
 @pytest.mark.parametrize("encoding", SUPPORTED_ENCODINGS)
@@ -161,6 +190,16 @@ def test_rgb_to_image_round_trips() -> None:
     np.testing.assert_array_equal(image_to_rgb(msg), frame[:, ::2])
 
 
+def test_rgb_to_compressed_is_a_jpeg_of_the_frame() -> None:
+    y, x = np.mgrid[0:HEIGHT, 0:WIDTH]
+    frame = np.stack([x * 8, y * 10, (x + y) * 4 + 20], axis=2).astype(np.uint8)
+    header = Header(frame_id="camera")
+    msg = rgb_to_compressed(frame, header)
+    assert (msg.format, msg.header.frame_id) == ("rgb8; jpeg compressed bgr8", "camera")
+    assert bytes(msg.data).startswith(b"\xff\xd8")
+    _assert_close(compressed_to_rgb(msg), frame, tolerance=12)
+
+
 @pytest.mark.parametrize("frame", [np.zeros((4, 4), np.uint8), np.zeros((4, 4, 4), np.uint8), np.zeros((4, 4, 3))])
 def test_rgb_to_image_rejects_non_rgb8_frames(frame: np.ndarray) -> None:
     with pytest.raises(ImageError, match=r"debug frame must be HxWx3 uint8, got shape \(4, 4(, \d)?\) dtype \w+"):
@@ -172,8 +211,8 @@ def test_rgb_to_image_rejects_non_rgb8_frames(frame: np.ndarray) -> None:
     [
         (
             _message("32FC1", 4, 4, 16, bytes(64)),
-            "unsupported image encoding '32FC1'; supported: "
-            "bgr8, bgra8, mono16, mono8, rgb8, rgba8, yuv422, yuv422_yuy2",
+            "unsupported image encoding '32FC1'; supported: 8UC1, 8UC3, bayer_bggr8, bayer_gbrg8, bayer_grbg8, "
+            "bayer_rggb8, bgr8, bgra8, mono16, mono8, rgb8, rgba8, yuv422, yuv422_yuy2",
         ),
         (_message("RGB8", 4, 4, 12, bytes(48)), "unsupported image encoding 'RGB8'"),
         (_message("rgb8", 0, 4, 0, b""), r"image is empty (0x4)"),

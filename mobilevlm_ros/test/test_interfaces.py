@@ -24,6 +24,8 @@ from sensor_msgs.msg import Image
 from mobilevlm_interfaces.action import Ask
 from mobilevlm_interfaces.msg import Answer
 from mobilevlm_interfaces.srv import NavigationInstruction, VisualQuery
+from mobilevlm_ros.choices import IMAGE_MODES
+from mobilevlm_ros.runtime.navigation import NAVIGATION_ACTIONS
 from ros_harness import spin_until
 
 TIMEOUT_S = 10.0
@@ -63,9 +65,11 @@ def test_interface_fields() -> None:
         "question", "camera", "image", "max_new_tokens", "mode", "roi",
     }
     assert set(VisualQuery.Response.get_fields_and_field_types()) == {
-        "success", "answer", "error", "image_stamp", "camera", "latency_s",
+        "success", "answer", "error", "header", "camera", "latency_s",
         "prompt_tokens", "generated_tokens",
     }
+    for response in (VisualQuery.Response, NavigationInstruction.Response, Ask.Result):
+        assert response.get_fields_and_field_types()["header"] == "std_msgs/Header"
     assert set(NavigationInstruction.Request.get_fields_and_field_types()) == {
         "instruction", "camera", "image", "actions",
     }
@@ -78,8 +82,21 @@ def test_interface_fields() -> None:
     assert set(Ask.Result.get_fields_and_field_types()) == set(VisualQuery.Response.get_fields_and_field_types())
     assert set(Ask.Feedback.get_fields_and_field_types()) == {"partial_answer", "generated_tokens"}
     assert set(Answer.get_fields_and_field_types()) == {
-        "header", "camera", "question", "answer", "success", "error", "latency_s",
+        "query_id", "header", "camera", "question", "answer", "success", "error", "latency_s",
     }
+
+
+def constants(interface: Any, prefix: str) -> list[str]:
+    """The values of `interface`'s constants named PREFIX_*, in the order the file defines them (rosidl makes each a
+    property of the message's metaclass)."""
+    return [getattr(interface, name) for name in vars(type(interface)) if name.startswith(prefix)]
+
+
+def test_constants_are_the_librarys_choices() -> None:
+    """The image modes and default actions in the interfaces are the library's own, so the two cannot drift apart."""
+    assert constants(VisualQuery.Request, "MODE_") == list(IMAGE_MODES)
+    assert constants(Ask.Goal, "MODE_") == list(IMAGE_MODES)
+    assert constants(NavigationInstruction.Request, "ACTION_") == list(NAVIGATION_ACTIONS)
 
 
 def test_visual_query_service_round_trip(nodes: tuple[Node, Node, MultiThreadedExecutor]) -> None:
@@ -89,7 +106,7 @@ def test_visual_query_service_round_trip(nodes: tuple[Node, Node, MultiThreadedE
         image = request.image
         response.success = True
         response.answer = f"{request.question} -> {image.width}x{image.height} {image.encoding}"
-        response.image_stamp = image.header.stamp
+        response.header = image.header
         response.camera = request.camera or "front"
         response.latency_s = 0.25
         response.prompt_tokens = 150
@@ -108,7 +125,8 @@ def test_visual_query_service_round_trip(nodes: tuple[Node, Node, MultiThreadedE
     assert response.error == ""
     assert response.answer == "what is on the table? -> 3x2 rgb8"
     assert response.camera == "front"
-    assert (response.image_stamp.sec, response.image_stamp.nanosec) == (12, 345)
+    header = response.header
+    assert (header.stamp.sec, header.stamp.nanosec, header.frame_id) == (12, 345, "camera_optical")
     assert response.latency_s == pytest.approx(0.25)
     assert (response.prompt_tokens, response.generated_tokens) == (150, 7)
 
@@ -129,7 +147,7 @@ def test_ask_action_round_trip_with_feedback(nodes: tuple[Node, Node, MultiThrea
         goal_handle.succeed()
         goal = goal_handle.request
         return Ask.Result(
-            success=True, answer=" ".join(words), camera=goal.camera, image_stamp=goal.image.header.stamp,
+            success=True, answer=" ".join(words), camera=goal.camera, header=goal.image.header,
             latency_s=0.5, prompt_tokens=160, generated_tokens=len(words),
         )
 
@@ -157,7 +175,7 @@ def test_ask_action_round_trip_with_feedback(nodes: tuple[Node, Node, MultiThrea
         assert result.success
         assert result.answer == "a red cup"
         assert result.camera == "left"
-        assert result.image_stamp.sec == 3
+        assert result.header.stamp.sec == 3
         assert (result.prompt_tokens, result.generated_tokens) == (160, 3)
         assert [f.partial_answer for f in feedback] == ["a", "a red", "a red cup"]
         assert [f.generated_tokens for f in feedback] == [1, 2, 3]

@@ -18,7 +18,8 @@ from diagnostic_msgs.msg import DiagnosticArray
 from lifecycle_msgs.msg import State
 from rclpy.action import ActionClient
 from rclpy.lifecycle import TransitionCallbackReturn
-from rclpy.qos import qos_profile_sensor_data
+from rcl_interfaces.msg import Log
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 
@@ -48,27 +49,28 @@ def test_vqa_answers_about_the_latest_frame(harness, vlm):
     response = harness.call(harness.vqa, VisualQuery.Request(question="What is in the image?"))
     assert response.success, response.error
     assert response.answer == vlm.ask(FRAME, "What is in the image?", max_new_tokens=MAX_NEW_TOKENS)
-    assert (response.image_stamp.sec, response.image_stamp.nanosec) == (100, 123)
+    assert (response.header.stamp.sec, response.header.stamp.nanosec, response.header.frame_id) == (100, 123, FRAME_ID)
     assert response.camera == DEFAULT_CAMERA
     assert response.generated_tokens <= MAX_NEW_TOKENS and response.prompt_tokens > IMAGE_TOKENS
     assert response.latency_s > 0
 
 
-@pytest.mark.parametrize("encoding, pad", [("rgb8", 0), ("rgb8", 5), ("bgr8", 0), ("rgba8", 3), ("bgra8", 0)])
+@pytest.mark.parametrize("encoding, pad",
+                         [("rgb8", 0), ("rgb8", 5), ("bgr8", 0), ("rgba8", 3), ("bgra8", 0), ("8UC3", 1)])
 def test_lossless_encodings_give_the_rgb_answer(harness, vlm, encoding, pad):
     harness.publish_frame(encode(FRAME, encoding, stamp(200 + pad), pad=pad))
     response = harness.call(harness.vqa, VisualQuery.Request(question="What colour?"))
     assert response.success, response.error
     assert response.answer == vlm.ask(FRAME, "What colour?", max_new_tokens=MAX_NEW_TOKENS)
-    assert response.image_stamp.sec == 200 + pad
+    assert response.header.stamp.sec == 200 + pad
 
 
-@pytest.mark.parametrize("encoding", ["mono8", "mono16", "yuv422", "yuv422_yuy2"])
+@pytest.mark.parametrize("encoding", ["mono8", "mono16", "yuv422", "yuv422_yuy2", "bayer_rggb8", "8UC1"])
 def test_other_encodings_are_answered(harness, encoding):
     harness.publish_frame(encode(FRAME, encoding, stamp(300)))
     response = harness.call(harness.vqa, VisualQuery.Request(question="What colour?"))
     assert response.success, response.error
-    assert response.image_stamp.sec == 300
+    assert response.header.stamp.sec == 300
 
 
 def test_compressed_camera(harness, vlm):
@@ -79,7 +81,7 @@ def test_compressed_camera(harness, vlm):
     harness.publish_frame(msg, publisher, camera="front")
     response = harness.call(harness.vqa, VisualQuery.Request(question="What colour?", camera="front"))
     assert response.success, response.error
-    assert (response.camera, response.image_stamp.sec) == ("front", 400)
+    assert (response.camera, response.header.stamp.sec) == ("front", 400)
     assert response.answer == vlm.ask(FRAME, "What colour?", max_new_tokens=MAX_NEW_TOKENS)
 
 
@@ -88,7 +90,7 @@ def test_image_in_the_request(harness, vlm):
     response = harness.call(harness.vqa, VisualQuery.Request(question="What colour?", image=image, max_new_tokens=4))
     assert response.success, response.error
     assert response.answer == vlm.ask(FRAME[::-1].copy(), "What colour?", max_new_tokens=4)
-    assert response.image_stamp.sec == 500
+    assert response.header.stamp.sec == 500
     assert response.generated_tokens <= 4
 
 
@@ -115,7 +117,7 @@ def test_ask_action_streams_feedback(harness, vlm):
         result = harness.ask_result(handle)
         assert result.status == GoalStatus.STATUS_SUCCEEDED, result.result.error
         assert result.result.answer == vlm.ask(FRAME, "Describe it.", max_new_tokens=8)
-        assert result.result.image_stamp.sec == 700
+        assert (result.result.header.stamp.sec, result.result.header.frame_id) == (700, FRAME_ID)
         assert all(result.result.answer.startswith(text) for text in feedback)
     finally:
         client.destroy()
@@ -139,21 +141,63 @@ def test_ask_action_can_be_canceled_mid_stream(harness):
     assert harness.call(harness.vqa, VisualQuery.Request(question="Still there?")).success
 
 
-def test_query_topic_publishes_an_answer_with_the_image_stamp(harness, vlm):
+def test_query_topic_publishes_numbered_answers_with_the_frames_header(harness, vlm):
     answers: list[Answer] = []
-    debug: list[Image] = []
     harness.client.create_subscription(Answer, harness.name("answer"), answers.append, 10)
-    harness.client.create_subscription(Image, harness.name("debug_image"), debug.append, qos_profile_sensor_data)
     query = harness.client.create_publisher(String, harness.name("query"), 10)
     harness.publish_frame(encode(FRAME, "rgb8", stamp(900)))
-    harness.spin_until(lambda: query.get_subscription_count() > 0 and harness.node.debug_publisher.get_subscription_count() > 0, "query and debug subscriptions")
+    harness.spin_until(lambda: query.get_subscription_count() > 0, "query subscription")
     query.publish(String(data="What is in the image?"))
-    harness.spin_until(lambda: answers and debug, "answer and debug image")
-    answer = answers[0]
+    query.publish(String(data=""))  # refused at once: it may overtake the first, and its number says which it is
+    harness.spin_until(lambda: len(answers) == 2, "two answers")
+    answer, refused = sorted(answers, key=lambda a: a.query_id)
+    assert refused.query_id == answer.query_id + 1
     assert answer.success, answer.error
     assert answer.answer == vlm.ask(FRAME, "What is in the image?", max_new_tokens=MAX_NEW_TOKENS)
     assert (answer.header.stamp.sec, answer.header.frame_id, answer.camera) == (900, FRAME_ID, DEFAULT_CAMERA)
-    assert (debug[0].width, debug[0].height, debug[0].encoding, debug[0].header.stamp.sec) == (FRAME.shape[1], FRAME.shape[0], "rgb8", 900)
+    assert (refused.success, refused.error, refused.question) == (False, "question is empty", "")
+
+
+def test_debug_images_reach_a_viewer_that_subscribes_later(harness):
+    """~/debug_image is reliable, transient local, depth 1: RViz2's Image display (here its QoS) gets the last one
+    even when it subscribes after the answer; ~/debug_image/compressed is the same picture as jpeg, for Foxglove."""
+    viewer_qos = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+    raw: list[Image] = []
+    jpeg: list[CompressedImage] = []
+    create = harness.client.create_subscription
+    subscriptions = [create(Image, harness.name("debug_image"), raw.append, viewer_qos),
+                     create(CompressedImage, harness.name("debug_image/compressed"), jpeg.append, viewer_qos)]
+    harness.spin_until(lambda: harness.node.debug_publisher.get_subscription_count() and
+                       harness.node.debug_compressed_publisher.get_subscription_count(), "debug image subscriptions")
+    harness.publish_frame(encode(FRAME, "rgb8", stamp(950)))
+    assert harness.call(harness.vqa, VisualQuery.Request(question="What is in the image?")).success
+    harness.spin_until(lambda: raw and jpeg, "the debug images")
+    for subscription in subscriptions:
+        harness.client.destroy_subscription(subscription)
+    late: list[Image] = []
+    harness.client.create_subscription(Image, harness.name("debug_image"), late.append, viewer_qos)
+    harness.spin_until(lambda: late, "the last debug image, for a viewer that came later")
+    for image in (raw[-1], late[0]):
+        assert (image.width, image.height, image.encoding, image.header.stamp.sec, image.header.frame_id) == (
+            FRAME.shape[1], FRAME.shape[0], "rgb8", 950, FRAME_ID)
+    assert (jpeg[-1].format, jpeg[-1].header.stamp.sec) == ("rgb8; jpeg compressed bgr8", 950)
+    decoded = cv2.imdecode(np.frombuffer(bytes(jpeg[-1].data), np.uint8), cv2.IMREAD_COLOR)
+    assert decoded.shape == FRAME.shape
+
+
+def test_library_log_records_reach_rosout(ros_context, checkpoint):
+    """The library's Python logging (here: the model loader's line) is written through the node's logger to /rosout."""
+    with Harness(ros_context, node_parameters(checkpoint), "rosout") as h:
+        records: list[Log] = []
+        subscription = h.client.create_subscription(Log, "/rosout", records.append, QoSProfile(depth=100))
+        h.spin_until(lambda: subscription.get_publisher_count() > 0, "the rosout publishers")
+        h.activate()
+        def loaded() -> list[Log]:  # other nodes in this process write the records too, by their own names
+            return [record for record in records
+                    if record.name == "rosout.mobilevlm_node" and "[mobilevlm_ros.runtime.vlm] loaded " in record.msg]
+
+        h.spin_until(loaded, "the loader's record on /rosout")
+        assert loaded()[0].level == Log.INFO
 
 
 def bad_image(kind: str) -> Image:
@@ -228,7 +272,8 @@ def test_lifecycle_transitions(ros_context, checkpoint):
         assert h.call(h.vqa, VisualQuery.Request(question="Hi?")).success
         assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
         assert node.worker is None
-        h.spin_until(lambda: not h.vqa.service_is_ready(), "service to disappear")
+        refused = h.call(h.vqa, VisualQuery.Request(question="Hi?"))  # the service stays, and says why it refuses
+        assert (refused.success, refused.error) == (False, "node is not active")
         assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
         h.publish_frame(encode(FRAME, "rgb8", stamp(1201)))
         assert h.call(h.vqa, VisualQuery.Request(question="Hi?")).success
@@ -236,6 +281,7 @@ def test_lifecycle_transitions(ros_context, checkpoint):
         assert node.trigger_cleanup() == TransitionCallbackReturn.SUCCESS
         assert node.vlm is None
         assert node._state_machine.current_state[0] == State.PRIMARY_STATE_UNCONFIGURED
+        assert h.call(h.vqa, VisualQuery.Request(question="Hi?")).error == "node is not configured"
 
 
 def test_bad_model_path_leaves_the_node_unconfigured_with_the_error_in_diagnostics(ros_context, tmp_path):
@@ -311,7 +357,7 @@ def test_parameters_set_before_configure_are_checked_by_the_configure_rules(ros_
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_console_script_serves_then_exits_cleanly_on_a_signal(ros_context, make_checkpoint, tmp_path, signum, figures):
     """A signal while the worker generates and more requests of every kind wait: each is answered or fails with
-    "node is shutting down", and the process exits with 0 within 5 s.
+    "node is shutting down", and the process exits with 0 (the waits are bounds against a hang, not measurements).
 
     The long answer must outlast the wait for the queue to show in diagnostics on a loaded machine: with the usual 1024
     context it is done in about a second, so this checkpoint has room for 8000 tokens (tens of seconds of generating).
@@ -326,7 +372,7 @@ def test_console_script_serves_then_exits_cleanly_on_a_signal(ros_context, make_
         first = client.answer_first(encode(FRAME, "rgb8", stamp(1400)), "What is in the image?")
         assert first.success, first.error
         assert first.answer == vlm.ask(FRAME, "What is in the image?", max_new_tokens=4)
-        assert first.image_stamp.sec == 1400
+        assert first.header.stamp.sec == 1400
 
         feedback: list[str] = []
         running = client.ask.send_goal_async(Ask.Goal(question="Describe it all.", max_new_tokens=8000),
@@ -339,13 +385,12 @@ def test_console_script_serves_then_exits_cleanly_on_a_signal(ros_context, make_
         process.send_signal(signum)
         signalled = time.monotonic()
         result = running.result().get_result_async()
-        client.spin_until(lambda: result.done() and all(f.done() for f in queued), "every response", timeout_s=10)
+        client.spin_until(lambda: result.done() and all(f.done() for f in queued), "every response")
         responses = [f.result() for f in queued] + [result.result().result]
         assert all(r.success or r.error == "node is shutting down" for r in responses), [r.error for r in responses]
         assert result.result().status == GoalStatus.STATUS_ABORTED
-        assert process.wait(timeout=10) == 0
+        assert process.wait(timeout=PROCESS_TIMEOUT_S) == 0, (tmp_path / "node.log").read_text()
         figures[f"signal exit s: {signum.name}"] = round(time.monotonic() - signalled, 3)
-        assert time.monotonic() - signalled < 5.0
     finally:
         if process.poll() is None:
             process.kill()

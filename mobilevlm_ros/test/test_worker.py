@@ -52,7 +52,7 @@ def make_worker(vlm) -> Iterator[Callable[[int], InferenceWorker]]:
 
     yield make
     for worker in workers:
-        worker.stop()
+        worker.stop("test over")
 
 
 def completion_order(futures: dict[str, Future]) -> list[str]:
@@ -169,7 +169,7 @@ def test_stop_fails_what_is_queued_and_refuses_what_comes_after(make_worker):
                                      on_text=lambda text, tokens: started.set()))
     assert started.wait(WAIT_S)
     queued = worker.submit(question(frame(), "Queued?"))
-    worker.stop()
-    assert running.result(WAIT_S).error == queued.result(WAIT_S).error == "node is shutting down"
+    worker.stop("node is deactivating")
+    assert running.result(WAIT_S).error == queued.result(WAIT_S).error == "node is deactivating"
     after: Result = worker.submit(question(frame(), "After?")).result(0)
-    assert (after.error, after.frame) == ("node is shutting down", None)
+    assert (after.error, after.frame) == ("node is deactivating", None)

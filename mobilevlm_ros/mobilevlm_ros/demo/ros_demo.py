@@ -101,7 +101,7 @@ def ask_about(camera: DemoCamera, client: DemoClient, frame: np.ndarray, kind: s
             response = client.call(client.vqa, VisualQuery.Request(question=text, max_new_tokens=8))
         if not response.success and "no frame" not in response.error:
             return response
-        if response.success and stamp_ns(response.image_stamp) >= shown_ns:
+        if response.success and stamp_ns(response.header.stamp) >= shown_ns:
             return response
         time.sleep(0.1)
     raise RuntimeError(f"the node never answered about the new frame (last error: {response.error or 'an older frame'})")

@@ -1,4 +1,4 @@
-"""ROS image messages to the model's RGB frames (HxWx3 uint8), and an RGB frame back to a message for the debug topic.
+"""ROS image messages to the model's RGB frames (HxWx3 uint8), and an RGB frame back to messages for the debug topics.
 
 Why not cv_bridge: the PyPI `cv-bridge` is a ROS 1 port that is broken with numpy >= 2.3 / OpenCV 5, has no yuv422 and
 ignores row padding; the real ROS 2 cv_bridge adds a C++ dependency for no gain here. The conversion below is a few
@@ -37,7 +37,10 @@ class _Encoding:
 
 
 # yuv422 is UYVY byte order (U0 Y0 V0 Y1) as sensor_msgs/image_encodings defines it; yuv422_yuy2 is YUYV. Both are
-# 2 bytes per pixel, which OpenCV reads as a 2-channel image.
+# 2 bytes per pixel, which OpenCV reads as a 2-channel image. A Bayer mosaic is demosaiced by OpenCV, which names a
+# pattern by the pixels of its second row from the second column on: ROS's bayer_rggb8 is OpenCV's BayerBG (the same
+# mapping as cv_bridge's). The generic 8UC1 is a grey image and 8UC3 OpenCV's own channel order, BGR (what a cv::Mat
+# published without a colour encoding holds).
 _ENCODINGS: dict[str, _Encoding] = {
     "rgb8": _Encoding(3, 1, None),
     "bgr8": _Encoding(3, 1, cv2.COLOR_BGR2RGB),
@@ -47,6 +50,12 @@ _ENCODINGS: dict[str, _Encoding] = {
     "mono16": _Encoding(1, 2, cv2.COLOR_GRAY2RGB),
     "yuv422": _Encoding(2, 1, cv2.COLOR_YUV2RGB_UYVY),
     "yuv422_yuy2": _Encoding(2, 1, cv2.COLOR_YUV2RGB_YUY2),
+    "bayer_rggb8": _Encoding(1, 1, cv2.COLOR_BayerBG2RGB),
+    "bayer_bggr8": _Encoding(1, 1, cv2.COLOR_BayerRG2RGB),
+    "bayer_gbrg8": _Encoding(1, 1, cv2.COLOR_BayerGR2RGB),
+    "bayer_grbg8": _Encoding(1, 1, cv2.COLOR_BayerGB2RGB),
+    "8UC1": _Encoding(1, 1, cv2.COLOR_GRAY2RGB),
+    "8UC3": _Encoding(3, 1, cv2.COLOR_BGR2RGB),
 }
 SUPPORTED_ENCODINGS = tuple(sorted(_ENCODINGS))
 
@@ -122,6 +131,17 @@ def rgb_to_image(frame: np.ndarray, header: Header) -> Image:
     # An array.array('B') is stored as is (bytes would be checked element by element in Python); tobytes() is C order
     # even for a strided view.
     msg.data = array.array("B", frame.tobytes())
+    return msg
+
+
+def rgb_to_compressed(frame: np.ndarray, header: Header, quality: int = 90) -> CompressedImage:
+    """Encode an HxWx3 uint8 RGB frame as a jpeg `sensor_msgs/CompressedImage`, its format written the way
+    image_transport's compressed plugin writes it (viewers such as Foxglove and rqt_image_view read it)."""
+    ok, data = cv2.imencode(".jpg", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise ImageError(f"cannot encode a {frame.shape} frame as jpeg")
+    msg = CompressedImage(header=header, format="rgb8; jpeg compressed bgr8")
+    msg.data = array.array("B", data.tobytes())
     return msg
 
 

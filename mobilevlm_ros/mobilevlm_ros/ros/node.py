@@ -1,14 +1,22 @@
 """`mobilevlm_node`: MobileVLM as a ROS 2 lifecycle node.
 
-configure loads the model; activate subscribes to the cameras and offers `~/vqa`, `~/navigate`, the `~/ask` action
-and the `~/query` -> `~/answer` topics; deactivate and cleanup undo that. Callbacks only validate and queue: the
-inference worker thread answers, and the request callbacks (services, action, `~/query`) are coroutines that await
-its result, so the executor keeps serving while the model runs. Parameters are read from one typed object,
-`self.params`, which the set-parameters callback replaces after checking a change by the rules configure applies.
+configure loads the model; activate starts the inference worker and subscribes to the cameras; deactivate and cleanup
+undo that. `~/vqa`, `~/navigate`, the `~/ask` action, `~/query` -> `~/answer` and the debug images exist for the
+node's whole life: a request outside the active state fails at once with the reason ("node is not active"), as the
+ROS 2 lifecycle design has managed services do, so no entity is ever destroyed under a request in flight.
+
+Callbacks only validate and queue: the inference worker thread answers, and the request callbacks are coroutines that
+await its result, so the executor keeps serving while the model runs. Transitions run in a callback group of their
+own: a configure that loads a model for minutes holds one executor thread, while the others answer get_state,
+/diagnostics, parameters and requests. Deactivate and shutdown stop the worker with their reason ("node is
+deactivating"), which fails every queued or running request, and wait (bounded) until those responses are out.
+Parameters are read from one typed object, `self.params`, which the set-parameters callback replaces after checking a
+change by the rules configure applies.
 """
 
 import concurrent.futures
 import functools
+import itertools
 import logging
 import signal
 import sys
@@ -16,6 +24,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import rclpy
@@ -25,10 +34,14 @@ from rcl_interfaces.msg import SetParametersResult
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.executors import MultiThreadedExecutor
-from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.impl.rcutils_logger import RcutilsLogger
+from rclpy.lifecycle import LifecycleNodeMixin, LifecycleState, TransitionCallbackReturn
+from rclpy.logging import LoggingSeverity
+from rclpy.node import Node
 from rclpy.parameter import Parameter
-from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rclpy.signals import SignalHandlerOptions
+from rclpy.subscription import Subscription
 from rclpy.task import Future
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
@@ -42,8 +55,10 @@ from mobilevlm_ros.model.prompt import check_question
 from mobilevlm_ros.ros.debug_image import draw_caption
 from mobilevlm_ros.ros.diagnostics import RequestStats
 from mobilevlm_ros.ros.frames import Frame, FrameError, FrameStore
-from mobilevlm_ros.ros.image_conversion import rgb_to_image
-from mobilevlm_ros.ros.parameters import ConfigurationError, Parameters, changed, check_parameters, declare_parameters
+from mobilevlm_ros.ros.image_conversion import rgb_to_compressed, rgb_to_image
+from mobilevlm_ros.ros.parameters import (
+    CAMERA_QOS_CHECK_S, ConfigurationError, Parameters, changed, check_parameters, declare_parameters,
+)
 from mobilevlm_ros.ros.worker import (
     InferenceWorker, Navigation, NavigationResult, Question, QuestionResult, Request, Result, View,
 )
@@ -52,35 +67,48 @@ from mobilevlm_ros.runtime.sampling import SamplingParams
 from mobilevlm_ros.runtime.vlm import MobileVLM
 
 NODE_NAME = "mobilevlm_node"
-
+LIBRARY_LOGGER = "mobilevlm_ros"
 
 # Requests wait in the middleware until an executor thread takes them. Services default to KEEP_LAST(10): a burst of
 # more than 10 requests would silently drop the oldest, whose clients then never hear back. Keep them all: callbacks
 # answer at once (busy when the queue is full), so the backlog drains.
 REQUEST_QOS = QoSProfile(history=HistoryPolicy.KEEP_ALL, reliability=ReliabilityPolicy.RELIABLE)
+# What RViz2's Image display and image_view subscribe with, and a viewer that starts later still gets the last image.
+DEBUG_IMAGE_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                             durability=DurabilityPolicy.TRANSIENT_LOCAL)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+FINISH_REQUESTS_S = 5.0  # how long deactivate and shutdown wait for the responses of the requests they fail
+# What a request is told while the node does not serve, by lifecycle state.
+NOT_SERVING = {
+    "unconfigured": "node is not configured", "configuring": "node is configuring", "inactive": "node is not active",
+    "activating": "node is activating", "deactivating": "node is deactivating", "cleaningup": "node is cleaning up",
+    "shuttingdown": "node is shutting down", "finalized": "node is shut down", "errorprocessing": "node is in error",
+}
 
 ResultT = TypeVar("ResultT", bound=Result)
 
 
 class OpenRequests:
-    """Requests whose response has not been handed to rclpy yet, counted from every executor thread, so shutdown can
-    wait for them to go out."""
+    """Requests whose response has not been handed to rclpy yet, counted from every executor thread, so that a
+    transition can wait for them."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._count = 0
+        self._idle = threading.Condition()
+        self.count = 0
 
     def __enter__(self) -> None:
-        with self._lock:
-            self._count += 1
+        with self._idle:
+            self.count += 1
 
     def __exit__(self, *exc_info: object) -> None:
-        with self._lock:
-            self._count -= 1
+        with self._idle:
+            self.count -= 1
+            self._idle.notify_all()
 
-    @property
-    def count(self) -> int:
-        return self._count
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Whether none is open within `timeout_s`."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self.count == 0, timeout_s)
 
 
 def tracked(callback: Callable[..., Any]) -> Callable[..., Any]:
@@ -94,21 +122,73 @@ def tracked(callback: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-class MobileVLMNode(LifecycleNode):
+class LibraryLogHandler(logging.Handler):
+    """The library's Python log records, written through the node's logger: they reach /rosout, the console and the
+    ROS log file like the node's own lines. Records keep their logger's name in the text, because /rosout carries only
+    the node's logger on Humble (child loggers reach it from Iron on)."""
+
+    def __init__(self, logger: RcutilsLogger):
+        super().__init__()
+        self.logger = logger
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            severity = LoggingSeverity(min(max(record.levelno // 10 * 10, 10), 50))  # the numbers of Python's levels
+            self.logger.log(f"[{record.name}] {self.format(record)}", severity)  # the message, and a traceback if any
+        except Exception:  # as logging's own handlers: a record that cannot be written must not fail its caller
+            self.handleError(record)
+
+
+@dataclass
+class CameraSubscription:
+    camera: str
+    topic: str
+    msg_type: type[Image] | type[CompressedImage]
+    subscription: Subscription
+    reliable: bool
+
+
+@dataclass
+class CameraReport:
+    values: dict[str, str]  # diagnostic key -> value
+    problems: list[str]  # what makes the status a warning
+
+
+class MobileVLMNode(LifecycleNodeMixin, Node):
+    """A lifecycle node, built from rclpy's two parts of LifecycleNode so that the lifecycle services get a callback
+    group of their own."""
+
     def __init__(self, **kwargs: Any):
-        super().__init__(NODE_NAME, **kwargs)
+        Node.__init__(self, NODE_NAME, **kwargs)
+        # Reentrant: get_state answers while a configure loads a model on another thread. A second transition asked
+        # meanwhile is refused by the state machine, as from any transition state.
+        LifecycleNodeMixin.__init__(self, callback_group=ReentrantCallbackGroup())
         self.params: Parameters = declare_parameters(self)  # replaced (never changed in place) when a parameter is set
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.vlm: MobileVLM | None = None
-        self.worker: InferenceWorker | None = None
+        self.worker: InferenceWorker | None = None  # set while the node serves; a request captures it once
         self.frames: FrameStore | None = None
         self.stats = RequestStats()
         self.configure_error = ""
         self.open_requests = OpenRequests()
-        self._active_entities: list[tuple[Callable[[Any], Any], Any]] = []
-        self._request_group = ReentrantCallbackGroup()  # request coroutines interleave while they await the worker
+        self._queries = itertools.count(1)
+        self._cameras: list[CameraSubscription] = []
+        self._cameras_lock = threading.Lock()  # activate, deactivate and the QoS check change them from their threads
+        self._log_handler = LibraryLogHandler(self.get_logger())
+        library = logging.getLogger(LIBRARY_LOGGER)
+        library.addHandler(self._log_handler)
+        library.setLevel(int(self.get_logger().get_effective_level()))
+        self._create_request_interfaces()
         self._diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.create_timer(self.params.diagnostics_period_s, self._publish_diagnostics)
+        self.create_timer(CAMERA_QOS_CHECK_S, self._follow_camera_qos)
+
+    def destroy_node(self) -> None:
+        """Everything, the action server too: rclpy's destroy_node leaves it to the garbage collector, and with it the
+        node and the DDS participant that it keeps alive."""
+        logging.getLogger(LIBRARY_LOGGER).removeHandler(self._log_handler)
+        self.ask_server.destroy()
+        super().destroy_node()
 
     def _on_set_parameters(self, parameters: list[Parameter]) -> SetParametersResult:
         """Check a run-time change by the rules configure applies; a refusal says why (`ros2 param set` prints it)."""
@@ -118,6 +198,23 @@ class MobileVLMNode(LifecycleNode):
         except ConfigurationError as error:
             return SetParametersResult(successful=False, reason=str(error))
         return SetParametersResult(successful=True)
+
+    def _create_request_interfaces(self) -> None:
+        group = ReentrantCallbackGroup()  # request coroutines interleave while they await the worker
+        self.answer_publisher = self.create_publisher(Answer, "~/answer", 10)
+        self.debug_publisher = self.create_publisher(Image, "~/debug_image", DEBUG_IMAGE_QOS)
+        self.debug_compressed_publisher = self.create_publisher(CompressedImage, "~/debug_image/compressed",
+                                                                DEBUG_IMAGE_QOS)
+        self.create_subscription(String, "~/query", self._on_query, 10, callback_group=group)
+        self.create_service(VisualQuery, "~/vqa", self._on_vqa, qos_profile=REQUEST_QOS, callback_group=group)
+        self.create_service(NavigationInstruction, "~/navigate", self._on_navigate, qos_profile=REQUEST_QOS,
+                            callback_group=group)
+        self.ask_server = ActionServer(
+            self, Ask, "~/ask", execute_callback=self._execute_ask, goal_callback=self._on_ask_goal,
+            cancel_callback=lambda goal: CancelResponse.ACCEPT, callback_group=group,
+            goal_service_qos_profile=REQUEST_QOS, result_service_qos_profile=REQUEST_QOS,
+            cancel_service_qos_profile=REQUEST_QOS,
+        )
 
     # ---- lifecycle ------------------------------------------------------------------------------------------------
 
@@ -138,23 +235,42 @@ class MobileVLMNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self.worker = InferenceWorker(self.vlm, self.params.max_queue)
-        self.worker.start()
-        self._create_interfaces()
-        return super().on_activate(state)
+        worker = InferenceWorker(self.vlm, self.params.max_queue)
+        worker.start()
+        self._subscribe_cameras()
+        self.worker = worker
+        return TransitionCallbackReturn.SUCCESS
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._release_active()
-        return super().on_deactivate(state)
+        self._stop_serving()
+        return TransitionCallbackReturn.SUCCESS
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.vlm = self.frames = None
         return TransitionCallbackReturn.SUCCESS
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._release_active()
+        self._stop_serving()
         self.vlm = self.frames = None
         return TransitionCallbackReturn.SUCCESS
+
+    def _stop_serving(self) -> None:
+        """New requests are refused, the queued and running ones fail, with the transition's reason ("node is
+        deactivating"); then the cameras are unsubscribed and this waits (bounded) until every response is out."""
+        worker, self.worker = self.worker, None
+        if worker is None:
+            return
+        reason = self._not_serving()
+        worker.stop(reason, FINISH_REQUESTS_S)
+        self._unsubscribe_cameras()
+        if not self.open_requests.wait_idle(FINISH_REQUESTS_S):
+            self.get_logger().warning(
+                f"{reason}: {self.open_requests.count} requests still open after {FINISH_REQUESTS_S:g} s")
+
+    def _not_serving(self) -> str:
+        """What a request is told while the node does not serve: its lifecycle state, in words."""
+        label = self._state_machine.current_state[1]
+        return NOT_SERVING.get(label, f"node is {label}")
 
     def _load_model(self) -> MobileVLM:
         p = self.params
@@ -170,69 +286,78 @@ class MobileVLMNode(LifecycleNode):
             llama_amx=AMX_SETTINGS[p.llama_amx],
         )
 
-    def _create_interfaces(self) -> None:
+    # ---- cameras ----------------------------------------------------------------------------------------------------
+
+    def _subscribe_cameras(self) -> None:
         p = self.params
-        camera_qos = QoSProfile(
-            depth=p.qos_depth,
-            reliability=ReliabilityPolicy.BEST_EFFORT if p.qos_reliability == "best_effort" else ReliabilityPolicy.RELIABLE,
-            durability=qos_profile_sensor_data.durability,
-            history=qos_profile_sensor_data.history,
-        )
-        for camera, topic, transport in zip(p.cameras, p.camera_topics, p.camera_transports):
-            msg_type, topic = (CompressedImage, f"{topic}/compressed") if transport == "compressed" else (Image, topic)
-            subscription = self.create_subscription(msg_type, topic, self._frame_callback(camera), camera_qos)
-            self._active_entities.append((self.destroy_subscription, subscription))
-        self.answer_publisher = self.create_publisher(Answer, "~/answer", 10)
-        self.debug_publisher = self.create_publisher(Image, "~/debug_image", qos_profile_sensor_data)
-        self._active_entities += [
-            (self.destroy_publisher, self.answer_publisher),
-            (self.destroy_publisher, self.debug_publisher),
-            (self.destroy_subscription, self.create_subscription(String, "~/query", self._on_query, 10,
-                                                                 callback_group=self._request_group)),
-            (self.destroy_service, self.create_service(VisualQuery, "~/vqa", self._on_vqa, qos_profile=REQUEST_QOS,
-                                                       callback_group=self._request_group)),
-            (self.destroy_service, self.create_service(NavigationInstruction, "~/navigate", self._on_navigate, qos_profile=REQUEST_QOS,
-                                                       callback_group=self._request_group)),
-        ]
-        action = ActionServer(
-            self, Ask, "~/ask", execute_callback=self._execute_ask, goal_callback=self._on_ask_goal,
-            cancel_callback=lambda goal: CancelResponse.ACCEPT, callback_group=self._request_group,
-            goal_service_qos_profile=REQUEST_QOS, result_service_qos_profile=REQUEST_QOS, cancel_service_qos_profile=REQUEST_QOS,
-        )
-        self._active_entities.append((ActionServer.destroy, action))
+        with self._cameras_lock:
+            for camera, topic, transport in zip(p.cameras, p.camera_topics, p.camera_transports):
+                compressed = transport == "compressed"
+                msg_type, topic = (CompressedImage, f"{topic}/compressed") if compressed else (Image, topic)
+                self._cameras.append(self._camera_subscription(camera, topic, msg_type, self._reliable(topic)))
 
-    def _release_active(self) -> None:
-        if self.worker is not None:
-            self.worker.stop()
-            self.worker = None
-        for destroy, entity in reversed(self._active_entities):
-            destroy(entity)
-        self._active_entities.clear()
+    def _unsubscribe_cameras(self) -> None:
+        with self._cameras_lock:
+            for camera in self._cameras:
+                self.destroy_subscription(camera.subscription)
+            self._cameras.clear()
 
-    def finish_requests(self, executor: MultiThreadedExecutor, timeout_s: float) -> None:
-        """Stop the worker (the request in flight and the queued ones fail with "node is shutting down") and spin
-        until every response has gone out, or `timeout_s` has passed."""
-        if self.worker is not None:
-            self.worker.stop(timeout_s)
-        deadline = time.monotonic() + timeout_s
-        while self.open_requests.count and time.monotonic() < deadline:
-            executor.spin_once(timeout_sec=0.05)
-        for _ in range(5):  # let the executor hand the last responses to the middleware
-            executor.spin_once(timeout_sec=0.01)
+    def _reliable(self, topic: str) -> bool:
+        """Whether the subscription to `topic` is reliable: qos_reliability, or with auto, whether the topic has
+        publishers and all of them are reliable (a best-effort publisher would not connect to a reliable
+        subscription; a reliable one loses large frames to a best-effort subscription, see the README)."""
+        if self.params.qos_reliability != "auto":
+            return self.params.qos_reliability == "reliable"
+        publishers = self.get_publishers_info_by_topic(topic)
+        return bool(publishers) and all(info.qos_profile.reliability == ReliabilityPolicy.RELIABLE
+                                        for info in publishers)
+
+    def _camera_subscription(self, camera: str, topic: str, msg_type: type[Image] | type[CompressedImage],
+                             reliable: bool) -> CameraSubscription:
+        """A subscription that stores the camera's frames (in the store of this activation: a frame that arrives
+        while the node deactivates lands in the store being left)."""
+        frames = self.frames
+        qos = QoSProfile(
+            depth=self.params.qos_depth,
+            reliability=ReliabilityPolicy.RELIABLE if reliable else ReliabilityPolicy.BEST_EFFORT,
+            durability=qos_profile_sensor_data.durability, history=qos_profile_sensor_data.history,
+        )
+
+        def store(msg: Image | CompressedImage) -> None:
+            frames.put(camera, msg, self.get_clock().now().nanoseconds)
+
+        subscription = self.create_subscription(msg_type, topic, store, qos)
+        return CameraSubscription(camera, topic, msg_type, subscription, reliable)
+
+    def _follow_camera_qos(self) -> None:
+        """With qos_reliability auto, subscribe again to a camera whose publishers' reliability has changed (a driver
+        started after the node, or restarted with other settings)."""
+        if self.params.qos_reliability != "auto":
+            return
+        with self._cameras_lock:
+            for index, camera in enumerate(self._cameras):
+                reliable = self._reliable(camera.topic)
+                if reliable != camera.reliable:
+                    self.get_logger().info(f"camera '{camera.camera}': subscribing "
+                                           f"{'reliable' if reliable else 'best effort'} to {camera.topic}, as its "
+                                           "publishers now are")
+                    self.destroy_subscription(camera.subscription)
+                    self._cameras[index] = self._camera_subscription(camera.camera, camera.topic, camera.msg_type,
+                                                                     reliable)
 
     # ---- requests ---------------------------------------------------------------------------------------------------
 
-    def _frame_callback(self, camera: str) -> Callable[[Image | CompressedImage], None]:
-        def store(msg: Image | CompressedImage) -> None:
-            self.frames.put(camera, msg, self.get_clock().now().nanoseconds)
-
-        return store
+    def _serving(self) -> InferenceWorker:
+        """The worker, captured once per request: a transition may stop it at any time, and a request queued on it
+        then fails with the transition's reason. Raises MobileVLMError when the node does not serve."""
+        worker = self.worker
+        if worker is None:
+            raise MobileVLMError(self._not_serving())
+        return worker
 
     def _frame(self, p: Parameters, what: str, text: str, camera: str, image: Image) -> Frame:
         """The frame a request asks about: the image in the request, else the camera's latest at request time. Raises
-        MobileVLMError when the node is not active, `text` is empty or too long, or there is no usable frame."""
-        if self.worker is None:
-            raise MobileVLMError("node is not active")
+        MobileVLMError when `text` is empty or too long, or there is no usable frame."""
         check_question(text, what)
         if len(text) > p.max_question_chars:
             raise MobileVLMError(f"{what} is {len(text)} characters; the limit is {p.max_question_chars} (max_question_chars)")
@@ -265,22 +390,24 @@ class MobileVLMNode(LifecycleNode):
 
     async def _answer(self, query: VisualQuery.Request | Ask.Goal, on_text: Callable[[str, int], None] | None = None,
                       cancelled: Callable[[], bool] | None = None) -> QuestionResult:
-        """The result of a question: refused here (inactive, empty, too long, no usable frame) or the worker's."""
+        """The result of a question: refused here (not serving, empty, too long, no usable frame) or the worker's."""
         try:
+            worker = self._serving()
             question = self._question(query, on_text, cancelled)
         except MobileVLMError as error:
             return self._finished(QuestionResult(error=str(error)))
-        return self._finished(await self._submit(question))
+        return self._finished(await self._submit(worker, question))
 
     async def _choose(self, request: NavigationInstruction.Request, actions: list[str]) -> NavigationResult:
         """The result of a navigation: refused here or the worker's."""
         try:
+            worker = self._serving()
             navigation = self._navigation(request, actions)
         except MobileVLMError as error:
             return self._finished(NavigationResult(error=str(error)))
-        return self._finished(await self._submit(navigation))
+        return self._finished(await self._submit(worker, navigation))
 
-    async def _submit(self, request: Request) -> Result:
+    async def _submit(self, worker: InferenceWorker, request: Request) -> Result:
         """Queue `request` on the worker and await its result: the worker's future completes an rclpy future, so this
         coroutine yields to the executor meanwhile."""
         result = Future(executor=self.executor)
@@ -290,7 +417,7 @@ class MobileVLMNode(LifecycleNode):
             if self.executor is not None:
                 self.executor.wake()
 
-        self.worker.submit(request).add_done_callback(resolve)
+        worker.submit(request).add_done_callback(resolve)
         return await result
 
     def _finished(self, result: ResultT) -> ResultT:
@@ -344,10 +471,12 @@ class MobileVLMNode(LifecycleNode):
 
     @tracked
     async def _on_query(self, msg: String) -> None:
-        """`~/query`: answer about the default camera's latest frame on `~/answer` (and draw it on `~/debug_image`)."""
+        """`~/query`: answer about the default camera's latest frame on `~/answer` (and draw it on `~/debug_image`),
+        numbered in the order the queries arrive."""
+        query_id = next(self._queries)
         result = await self._answer(VisualQuery.Request(question=msg.data))
-        answer = Answer(camera=self._camera(result, ""), question=msg.data, answer=result.answer, success=result.success,
-                        error=result.error, latency_s=result.latency_s)
+        answer = Answer(query_id=query_id, camera=self._camera(result, ""), question=msg.data, answer=result.answer,
+                        success=result.success, error=result.error, latency_s=result.latency_s)
         if result.frame is not None:
             answer.header = result.frame.msg.header
         self._publish_debug_image(msg.data, result)
@@ -358,15 +487,18 @@ class MobileVLMNode(LifecycleNode):
         return result.frame.camera if result.frame is not None else (requested or self.params.default_camera)
 
     def _fill(self, response: Any, result: Result, camera: str) -> None:
-        """The fields every response shares: success, error, stamp and camera of the frame, latency."""
+        """The fields every response shares: success, error, header and camera of the frame, latency."""
         response.success, response.error, response.latency_s = result.success, result.error, result.latency_s
         response.camera = self._camera(result, camera)
         if result.frame is not None:
-            response.image_stamp = result.frame.stamp
+            response.header = result.frame.msg.header
 
     def _publish_debug_image(self, question: str, result: Result) -> None:
-        """The answered frame with the question and the answer (or the chosen action) drawn, for whoever watches."""
-        if result.frame is None or not self.params.debug_image or self.debug_publisher.get_subscription_count() == 0:
+        """The answered frame with the question and the answer (or the chosen action) drawn, raw and jpeg, each only
+        while someone subscribes."""
+        publishers = [publisher for publisher in (self.debug_publisher, self.debug_compressed_publisher)
+                      if publisher.get_subscription_count()]
+        if result.frame is None or not self.params.debug_image or not publishers:
             return
         try:
             rgb = result.frame.to_rgb()
@@ -378,7 +510,10 @@ class MobileVLMNode(LifecycleNode):
             text = f"{result.action} ({result.confidence:.2f})"
         else:
             text = result.answer
-        self.debug_publisher.publish(rgb_to_image(draw_caption(rgb, [f"Q: {question}", f"A: {text}"]), result.frame.msg.header))
+        drawn, header = draw_caption(rgb, [f"Q: {question}", f"A: {text}"]), result.frame.msg.header
+        for publisher in publishers:
+            raw = publisher is self.debug_publisher
+            publisher.publish(rgb_to_image(drawn, header) if raw else rgb_to_compressed(drawn, header))
 
     # ---- diagnostics ------------------------------------------------------------------------------------------------
 
@@ -388,68 +523,105 @@ class MobileVLMNode(LifecycleNode):
         if self.configure_error:
             status.level, status.message = DiagnosticStatus.ERROR, f"not configured: {self.configure_error}"
         elif self.worker is None:
-            status.level, status.message = DiagnosticStatus.WARN, "inactive"
+            status.level, status.message = DiagnosticStatus.WARN, self._not_serving()
         else:
             status.level, status.message = DiagnosticStatus.OK, "serving"
-        if self.vlm is not None:
-            values |= {"model": str(self.params.model_dir), "projector": self.vlm.config.mm_projector_type,
-                       "vision backend": self.vlm.vision.name, "language backend": self.vlm.language.name,
-                       "device": str(self.vlm.device)}
-        if self.worker is not None:
-            values |= {"queue depth": str(self.worker.depth), "max queue depth": str(self.worker.max_depth),
-                       "max queue": str(self.worker.max_queue), "busy": str(self.worker.busy)}
-        if self.frames is not None:
-            now = self.get_clock().now().nanoseconds
-            for camera, stats in self.frames.snapshot().items():
-                values[f"camera {camera}: frames"] = str(stats.frames)
-                values[f"camera {camera}: age (s)"] = f"{(now - stats.last.stamp_ns) / 1e9:.2f}" if stats.last else "no frame yet"
-            if status.level == DiagnosticStatus.OK and (silent := self._silent_cameras(now)):
-                status.level, status.message = DiagnosticStatus.WARN, "; ".join(silent)
+        if (vlm := self.vlm) is not None:
+            values |= {"model": str(self.params.model_dir), "projector": vlm.config.mm_projector_type,
+                       "vision backend": vlm.vision.name, "language backend": vlm.language.name,
+                       "device": str(vlm.device)}
+        if (worker := self.worker) is not None:
+            values |= {"queue depth": str(worker.depth), "max queue depth": str(worker.max_depth),
+                       "max queue": str(worker.max_queue), "busy": str(worker.busy)}
+        if (frames := self.frames) is not None:
+            cameras = self._camera_report(frames)
+            values |= cameras.values
+            if status.level == DiagnosticStatus.OK and cameras.problems:
+                status.level, status.message = DiagnosticStatus.WARN, "; ".join(cameras.problems)
         values |= self.stats.summary()
         status.values = [KeyValue(key=key, value=value) for key, value in values.items()]
         array = DiagnosticArray(status=[status])
         array.header.stamp = self.get_clock().now().to_msg()
         self._diagnostics.publish(array)
 
-    def _silent_cameras(self, now_ns: int) -> list[str]:
-        """Why each camera has no usable frame (by the same max_frame_age_s rule as requests); empty when all do."""
-        max_age_s = self.params.max_frame_age_s
-        if not max_age_s:
-            return []
-        silent = []
-        for camera in self.frames.cameras:
+    def _camera_report(self, frames: FrameStore) -> CameraReport:
+        """Each camera's frames, age, rates and subscription, and why cameras have no usable frame (by the
+        max_frame_age_s rule of requests) or lose frames."""
+        now, max_age_s = self.get_clock().now().nanoseconds, self.params.max_frame_age_s
+        reliability = {camera.camera: "reliable" if camera.reliable else "best effort"
+                       for camera in list(self._cameras)}
+        report = CameraReport({}, [])
+        for camera, stats in frames.snapshot().items():
+            report.values |= {
+                f"camera {camera}: frames": str(stats.frames),
+                f"camera {camera}: age (s)":
+                    f"{(now - stats.last.stamp_ns) / 1e9:.2f}" if stats.last else "no frame yet",
+                f"camera {camera}: received (Hz)": f"{stats.received_hz:.1f}" if stats.received_hz else "n/a",
+                f"camera {camera}: stamped (Hz)": f"{stats.camera_hz:.1f}" if stats.camera_hz else "n/a",
+            }
+            if camera in reliability:
+                report.values[f"camera {camera}: subscription"] = reliability[camera]
             try:
-                self.frames.latest(camera, now_ns, max_age_s)
+                if max_age_s:
+                    frames.latest(camera, now, max_age_s)
             except FrameError as error:
-                silent.append(str(error))
-        return silent
-
+                report.problems.append(str(error))
+            else:
+                if losing := stats.losing_frames():
+                    report.problems.append(losing)
+        return report
 
 def main(args: list[str] | None = None) -> int:
-    """Console script `mobilevlm_node`: serve until SIGINT or SIGTERM, then answer or fail what is open and exit."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    """Console script `mobilevlm_node`: serve until SIGINT or SIGTERM, then shut down (what is open fails with "node is
+    shutting down", its responses sent) and exit. A second signal ends the process at once."""
     # Our own signal handling: rclpy's would shut the context down before the open requests are answered.
     rclpy.init(args=args if args is not None else sys.argv, signal_handler_options=SignalHandlerOptions.NO)
     stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if stop.is_set():  # the second: the default action, now
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+        stop.set()
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, on_signal)
     node = MobileVLMNode()
     executor = MultiThreadedExecutor(num_threads=4)
     executor.add_node(node)
-    if node.params.autostart and node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
-        node.trigger_activate()
+    spinner = threading.Thread(target=executor.spin, name="executor")
+    spinner.start()  # before configure: get_state and /diagnostics answer while the model loads
     try:
-        while not stop.is_set():
-            executor.spin_once(timeout_sec=0.1)  # wakes up often enough to notice a signal
+        if node.params.autostart and node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
+            node.trigger_activate()
+        stop.wait()
         started = time.monotonic()
-        node.finish_requests(executor, timeout_s=3.0)
-        node.trigger_shutdown()
+        if node._state_machine.current_state[0] != State.PRIMARY_STATE_FINALIZED:
+            node.trigger_shutdown()
+        # rclpy sends an action's result in a task of its own once the goal has ended: let the executor take the
+        # tasks queued so far (in order, so this one comes last); shutting it down then waits for them.
+        flushed = executor.create_task(lambda: None)
+        deadline = time.monotonic() + 1.0
+        while not flushed.done() and time.monotonic() < deadline:
+            time.sleep(0.01)
         node.get_logger().info(f"stopped in {time.monotonic() - started:.2f} s")
     finally:
-        executor.shutdown(timeout_sec=1.0)
-        node.destroy_node()
-        rclpy.try_shutdown()
+        teardown(node, executor, spinner)
     return 0
+
+
+def teardown(node: MobileVLMNode, executor: MultiThreadedExecutor, spinner: threading.Thread) -> None:
+    """Destroy the executor, the node (all its entities) and the context here, in order, rather than leave any to the
+    garbage collector at interpreter exit: a middleware teardown that blocks inside the collector holds the
+    interpreter, so no Python signal handler can run (the process that ignored SIGTERM until launch killed it). Then
+    the stop signals get their default action back, for anything native that still blocks on the way out."""
+    executor.shutdown(timeout_sec=1.0)
+    spinner.join()
+    node.destroy_node()
+    rclpy.try_shutdown()
+    rclpy.get_default_context().destroy()
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_DFL)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from mobilevlm_ros.errors import MobileVLMError
 from mobilevlm_ros.runtime.navigation import NAVIGATION_ACTIONS, NAVIGATION_PROMPT
 
 CAMERA_TRANSPORTS = ("raw", "compressed")
+CAMERA_QOS_CHECK_S = 2.0  # with qos_reliability auto: how often the camera publishers' reliability is read again
 
 
 class ConfigurationError(MobileVLMError):
@@ -124,9 +125,13 @@ SPECS = (
     Spec("camera_topics", ["image"], "Image topic of each camera (same order as cameras); remap them in the launch file."),
     Spec("camera_transports", ["raw"], "Per camera: raw (sensor_msgs/Image on the topic) or compressed (CompressedImage on <topic>/compressed).",
          check=_transports),
-    Spec("qos_reliability", "best_effort", "Camera subscription reliability (best_effort = SENSOR_DATA).", choices=("best_effort", "reliable")),
-    Spec("qos_depth", 5, "Camera subscription queue depth.", int_range=(1, 100)),
-    Spec("debug_image", True, "Publish ~/debug_image (frame with question and answer drawn) when someone subscribes."),
+    Spec("qos_reliability", "auto", "Camera subscription reliability: auto matches the camera's publishers (reliable "
+         f"when all of them are, best effort otherwise, checked again every {CAMERA_QOS_CHECK_S:g} s); best_effort is "
+         "SENSOR_DATA.", choices=("auto", "best_effort", "reliable")),
+    Spec("qos_depth", 1, "Camera subscription queue depth (the node keeps only each camera's latest frame).",
+         int_range=(1, 100)),
+    Spec("debug_image", True, "Publish ~/debug_image and ~/debug_image/compressed (the frame with question and answer "
+         "drawn) while someone subscribes."),
     Spec("diagnostics_period_s", 1.0, "Period of the /diagnostics status.", float_range=(0.1, 60.0), read=Read.AT_START),
     Spec("autostart", True, "Configure and activate at start-up, so a plain launch just works.", read=Read.AT_START),
 )

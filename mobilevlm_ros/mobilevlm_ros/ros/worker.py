@@ -25,8 +25,6 @@ from mobilevlm_ros.runtime.vlm import MobileVLM, Roi
 
 logger = logging.getLogger(__name__)
 
-SHUTTING_DOWN = "node is shutting down"
-
 
 class Priority(IntEnum):
     NAVIGATION = 0  # a robot waiting for its next move comes first
@@ -118,7 +116,7 @@ class InferenceWorker:
         self._queue: queue.PriorityQueue = queue.PriorityQueue()
         self._order = itertools.count()
         self._session: tuple[Frame, View, Session | PerTileSession] | None = None  # the last frame's, for its next request
-        self._stopping = False
+        self._stopped = ""  # why the worker stopped ("node is deactivating", ...); empty while it serves
         self._lock = threading.Lock()  # a submit is refused, or queued before stop() drains the queue: never lost
         self._thread = threading.Thread(target=self._run, name="mobilevlm-inference", daemon=True)
         self.busy = False
@@ -137,11 +135,11 @@ class InferenceWorker:
 
     def submit(self, request: Request) -> Future[Result]:
         """Queue `request`; its result completes the returned future (from the worker thread). A full queue or a
-        stopping worker completes it at once, in this thread, with "busy: queue full (N)" or "node is shutting down"."""
+        stopped worker completes it at once, in this thread, with "busy: queue full (N)" or the reason it stopped."""
         future: Future[Result] = Future()
         with self._lock:  # executor threads submit concurrently: check and put as one step
-            if self._stopping:
-                refusal = SHUTTING_DOWN
+            if self._stopped:
+                refusal = self._stopped
             elif self._queue.qsize() >= self.max_queue:
                 refusal = f"busy: queue full ({self.max_queue})"
             else:
@@ -151,10 +149,11 @@ class InferenceWorker:
         future.set_result(request.result_type(error=refusal))
         return future
 
-    def stop(self, timeout_s: float = 5.0) -> None:
-        """Interrupt the request in flight, fail the queued ones, and end the thread."""
+    def stop(self, reason: str, timeout_s: float = 5.0) -> None:
+        """Interrupt the request in flight, fail it, the queued ones and any submitted later with `reason`, and end the
+        thread (waiting at most `timeout_s` for the request in flight: a navigation's scoring cannot be interrupted)."""
         with self._lock:
-            self._stopping = True
+            self._stopped = reason
         self._queue.put((-1, -1, None, None))
         self._thread.join(timeout_s)
         while True:
@@ -163,15 +162,15 @@ class InferenceWorker:
             except queue.Empty:
                 break
             if request is not None:
-                _deliver(request, future, request.result_type(error=SHUTTING_DOWN))
+                _deliver(request, future, request.result_type(error=reason))
 
     def _run(self) -> None:
         while True:
             _, _, request, future = self._queue.get()
             if request is None:
                 return
-            if self._stopping:
-                _deliver(request, future, request.result_type(error=SHUTTING_DOWN))
+            if self._stopped:
+                _deliver(request, future, request.result_type(error=self._stopped))
                 return
             self.busy = True
             try:
@@ -203,14 +202,14 @@ class InferenceWorker:
 
     def _generate(self, request: Question, deadline: float) -> QuestionResult:
         def should_stop() -> bool:
-            return self._stopping or request.is_cancelled() or time.monotonic() > deadline
+            return bool(self._stopped) or request.is_cancelled() or time.monotonic() > deadline
 
         session = self._session_for(request.frame, request.view)
         answer = session.ask(request.text, request.params, request.on_text, should_stop)
         result = QuestionResult(answer=answer.text, prompt_tokens=answer.prompt_tokens, generated_tokens=answer.generated_tokens)
         if answer.interrupted:
-            if self._stopping:
-                result.error = SHUTTING_DOWN
+            if self._stopped:
+                result.error = self._stopped
             elif request.is_cancelled():
                 result.error = "canceled"
             else:
