@@ -116,8 +116,9 @@ def encode(rgb: np.ndarray, encoding: str, stamp: Time, pad: int = 0) -> Image:
 
 
 def node_parameters(checkpoint: Path, **overrides: Any) -> dict[str, Any]:
-    """The tests' node: short answers, no frame age limit, a raw default camera and a compressed one."""
-    return {"model_path": str(checkpoint), "max_new_tokens": MAX_NEW_TOKENS, "max_frame_age_s": 0.0,
+    """The tests' node: short answers, no frame age limit, a raw default camera and a compressed one; it builds its
+    tiny artifacts (GGUF, ONNX graph, mmproj) at configure."""
+    return {"model_path": str(checkpoint), "max_new_tokens": MAX_NEW_TOKENS, "max_frame_age_s": 0.0, "engine_build": "if_missing",
             "cameras": [DEFAULT_CAMERA, "front"], "camera_topics": ["image", "front/image"],
             "camera_transports": ["raw", "compressed"], **overrides}
 

@@ -398,7 +398,15 @@ def test_console_script_serves_then_exits_cleanly_on_a_signal(ros_context, make_
 
 
 def test_onnxruntime_vision_backend_gives_the_torch_answer(ros_context, checkpoint, vlm, tmp_path):
-    with Harness(ros_context, node_parameters(checkpoint, vision_backend="onnxruntime", engines_dir=str(tmp_path)), "onnx") as h:
+    """Under the node's default engine_build (never) a missing graph fails configure with the command that builds it;
+    with if_missing, set while unconfigured, configure builds it."""
+    parameters = node_parameters(checkpoint, vision_backend="onnxruntime", engines_dir=str(tmp_path))
+    del parameters["engine_build"]
+    with Harness(ros_context, parameters, "onnx") as h:
+        assert h.node.trigger_configure() == TransitionCallbackReturn.FAILURE
+        assert "mobilevlm build" in h.node.configure_error and "--vision onnx " in h.node.configure_error, h.node.configure_error
+        assert not list(tmp_path.iterdir())
+        assert h.set_parameter("engine_build", "if_missing").successful
         h.activate()
         assert h.node.vlm.vision.name == "onnxruntime" and list(tmp_path.glob("vision-onnx-*.onnx"))
         h.publish_frame(encode(FRAME, "rgb8", stamp(1500)))

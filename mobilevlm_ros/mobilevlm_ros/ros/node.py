@@ -283,6 +283,8 @@ class MobileVLMNode(LifecycleNodeMixin, Node):
             vision=p.vision_backend,
             vision_precision=p.vision_precision,
             engines_dir=p.engines_dir or None,
+            build=p.engine_build,
+            engine_path=p.engine_path or None,
             llama_amx=AMX_SETTINGS[p.llama_amx],
         )
 

@@ -17,7 +17,7 @@ from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescri
 from rclpy.node import Node
 
 from mobilevlm_ros.choices import (
-    AMX_SETTINGS, AUTO, DEFAULT_IMAGE_MODES, LANGUAGE_BACKENDS, PRECISIONS, QUANTS, VISION_BACKENDS,
+    AMX_SETTINGS, AUTO, DEFAULT_IMAGE_MODES, ENGINE_BUILD, LANGUAGE_BACKENDS, PRECISIONS, QUANTS, VISION_BACKENDS,
 )
 from mobilevlm_ros.demo import DEMO_CHECKPOINT
 from mobilevlm_ros.errors import MobileVLMError
@@ -92,8 +92,8 @@ class Spec:
 
 SPECS = (
     Spec("model_path", "", "MobileVLM checkpoint directory (config.json, weights, tokenizer); empty = the shipped demo model."),
-    Spec("vision_backend", "torch", "Vision tower + projector runtime (onnxruntime, tensorrt and ggml build their artifact on "
-         "first use; ggml is llama.cpp's own image encoder, mtmd).", choices=VISION_BACKENDS),
+    Spec("vision_backend", "torch", "Vision tower + projector runtime (onnxruntime, tensorrt and ggml run an artifact: see "
+         "engine_build; ggml is llama.cpp's own image encoder, mtmd).", choices=VISION_BACKENDS),
     Spec("vision_precision", AUTO, "Precision of the vision backend: auto = TensorRT fp16, onnxruntime fp32, ggml fp16; TensorRT "
          "also fp32 and int8, onnxruntime int8, ggml fp32; torch runs the model's dtype (auto only).", choices=(AUTO, *PRECISIONS)),
     Spec("language_backend", "torch", "Language model runtime.", choices=LANGUAGE_BACKENDS),
@@ -102,6 +102,12 @@ SPECS = (
          "on some Intel CPUs), on for llama.cpp builds where it works.", choices=tuple(AMX_SETTINGS)),
     Spec("device", "auto", "Where torch runs: auto (CUDA when present), cpu, cuda or cuda:N."),
     Spec("engines_dir", "", "Directory for built artifacts (GGUF, engines); empty = the package's engines/ directory."),
+    Spec("engine_build", "never", "When configure builds the artifacts the backends run (GGUF, ONNX graph, TensorRT engine, "
+         "mmproj): never = a missing or stale one fails configure with an error naming its `mobilevlm build` command (build "
+         "them ahead: a TensorRT build takes minutes and memory beside the loaded LLM); if_missing = build it then; always "
+         "= rebuild.", choices=ENGINE_BUILD),
+    Spec("engine_path", "", "The vision backend's artifact at this file (built ahead with `mobilevlm build --engine-path`, "
+         "its manifest beside it); empty = its name in engines_dir."),
     Spec("max_new_tokens", 64, "Default answer length limit in tokens (a request's max_new_tokens overrides it).", int_range=(1, 2048)),
     Spec("temperature", 0.0, "Sampling temperature; 0 = greedy (deterministic).", float_range=(0.0, 2.0), read=Read.AT_ONCE),
     Spec("image_mode", "overview",
@@ -150,6 +156,8 @@ class Parameters:
     llama_amx: str
     device: str
     engines_dir: str
+    engine_build: str
+    engine_path: str
     max_new_tokens: int
     temperature: float
     image_mode: str
