@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,11 @@ def launch(ros_context, distro, tmp_path) -> Iterator[Callable[..., LaunchedNode
     yield start
     for node in started:
         assert node.process.poll() is None, f"the launch exited early:\n{node.log()}"
-        assert node.stop() == 0, node.log()
+        status = node.stop()
+        if node.hung_at_shutdown:
+            assert_launch_hung_after_its_node_exited(node)
+        else:
+            assert status == 0, node.log()
         assert f"launch from {launch_root() / distro / 'launch'}," in node.log(), "the launch ran other launch sources"
         assert_node_stopped(node.log())
 
@@ -59,6 +64,14 @@ def assert_node_stopped(log: str) -> None:
     (issue 21 saw it hang at interpreter exit in about 1 of 10 launches, until launch killed it)."""
     assert "mobilevlm_node]: stopped in " in log, log
     assert "process has finished cleanly" in log and "escalating to 'SIGTERM'" not in log, log
+
+
+def assert_launch_hung_after_its_node_exited(node: LaunchedNode) -> None:
+    """Upstream launch's shutdown race (LaunchedNode.stop): tolerated only once mobilevlm_node, which is ours, has
+    exited cleanly; reported as a warning with the launch's stacks."""
+    assert "process has finished cleanly" in node.log(), f"the launch hung with its node still running:\n{node.log()}"
+    warnings.warn("launch (upstream) did not exit on Ctrl-C although mobilevlm_node had finished cleanly; it exited on "
+                  f"SIGTERM. Its stacks:\n{node.hung_at_shutdown}")
 
 
 @pytest.fixture(scope="module")
