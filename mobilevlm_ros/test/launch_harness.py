@@ -236,9 +236,10 @@ class LaunchedNode:
         and the node; launch then sends the node no second SIGINT, only SIGTERM after 5 s); the launch's exit status.
 
         Upstream launch has a shutdown race that, rarely, leaves it running after every process it started has exited
-        (seen once in about 100 Jazzy launches on a loaded machine; ros2/launch_ros#199 is the open report). When the
-        launch outlives its node by SHUTDOWN_HANG_S, its Python stacks go to its log (faulthandler, run_launch), it
-        gets SIGTERM as a user would then send, and `hung_at_shutdown` holds the stacks for the caller to report."""
+        (seen once, in CI's Jazzy run on a loaded 2-core machine, not in 30 repeated launches since; ros2/launch_ros#199
+        is the open report of its kind). When the launch is still running SHUTDOWN_HANG_S after Ctrl-C, its Python
+        stacks go to its log (faulthandler, run_launch), it gets SIGTERM as a user would then send, and
+        `hung_at_shutdown` holds the stacks for the caller to report."""
         try:
             if self.process.poll() is None:
                 os.killpg(self.process.pid, signal.SIGINT)
