@@ -9,11 +9,19 @@ from collections.abc import Sequence
 from dataclasses import fields
 from typing import TYPE_CHECKING
 
+from mobilevlm_ros.choices import (
+    AMX_SETTINGS,
+    AUTO,
+    IMAGE_MODES,
+    LANGUAGE_BACKENDS,
+    MMPROJ_TYPES,
+    PRECISIONS,
+    QUANTS,
+    VISION_BACKENDS,
+    vision_precision,
+)
 from mobilevlm_ros.demo.recipe import Recipe
 from mobilevlm_ros.errors import ConfigError, MobileVLMError, PromptError
-from mobilevlm_ros.choices import (
-    AMX_SETTINGS, AUTO, IMAGE_MODES, LANGUAGE_BACKENDS, MMPROJ_TYPES, PRECISIONS, QUANTS, VISION_BACKENDS, vision_precision,
-)
 
 if TYPE_CHECKING:
     from mobilevlm_ros.runtime.vlm import MobileVLM

@@ -76,9 +76,7 @@ def checks() -> list[Check]:
     else:
         import llama_cpp
 
-        from mobilevlm_ros.ggml import AMX_BUFFER_TYPE, extra_buffer_types, offered_buffer_types
-
-        from mobilevlm_ros.ggml import gpu_devices
+        from mobilevlm_ros.ggml import AMX_BUFFER_TYPE, extra_buffer_types, gpu_devices, offered_buffer_types
 
         gpus = gpu_devices() if llama_cpp.llama_supports_gpu_offload() else []
         if gpus:

@@ -10,8 +10,18 @@ from safetensors import safe_open
 
 from mobilevlm_ros.demo.recipe import Recipe
 from mobilevlm_ros.demo.train import (
-    ATTRIBUTE_CLASSES, IGNORE, TOWER_DIR, SceneSymbols, build_model, language_loss, make_pool, patch_labels, patch_loss, pool_entry,
-    token_cells, train,
+    ATTRIBUTE_CLASSES,
+    IGNORE,
+    TOWER_DIR,
+    SceneSymbols,
+    build_model,
+    language_loss,
+    make_pool,
+    patch_labels,
+    patch_loss,
+    pool_entry,
+    token_cells,
+    train,
 )
 from mobilevlm_ros.demo.world import COLOURS, Scene, Shape
 from mobilevlm_ros.model.preprocess import ImageProcessor

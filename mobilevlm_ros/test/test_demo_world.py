@@ -7,8 +7,22 @@ import numpy as np
 import pytest
 
 from mobilevlm_ros.demo.world import (
-    CENTRE_BAND, COLOURS, NEAR_RANGE, QUESTION_KINDS, SHAPES, Scene, Shape, caption, held_out_samples, navigation_answer,
-    navigation_sample, question, random_negative, random_scene, render, write_eval_set,
+    CENTRE_BAND,
+    COLOURS,
+    NEAR_RANGE,
+    QUESTION_KINDS,
+    SHAPES,
+    Scene,
+    Shape,
+    caption,
+    held_out_samples,
+    navigation_answer,
+    navigation_sample,
+    question,
+    random_negative,
+    random_scene,
+    render,
+    write_eval_set,
 )
 from mobilevlm_ros.evaluate import read_questions
 

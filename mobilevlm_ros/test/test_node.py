@@ -16,9 +16,9 @@ from action_msgs.msg import GoalStatus
 from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray
 from lifecycle_msgs.msg import State
+from rcl_interfaces.msg import Log
 from rclpy.action import ActionClient
 from rclpy.lifecycle import TransitionCallbackReturn
-from rcl_interfaces.msg import Log
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
@@ -30,8 +30,19 @@ from mobilevlm_ros.ros.parameters import SPECS
 from mobilevlm_ros.runtime.navigation import NAVIGATION_ACTIONS, navigation_question
 from mobilevlm_ros.runtime.vlm import MobileVLM
 from ros_harness import (
-    DEFAULT_CAMERA, FRAME, FRAME_ID, MAX_NEW_TOKENS, PROCESS_TIMEOUT_S, TIMEOUT_S, Harness, ProcessClient,
-    diagnostic_values, encode, node_parameters, stamp, start_node_process,
+    DEFAULT_CAMERA,
+    FRAME,
+    FRAME_ID,
+    MAX_NEW_TOKENS,
+    PROCESS_TIMEOUT_S,
+    TIMEOUT_S,
+    Harness,
+    ProcessClient,
+    diagnostic_values,
+    encode,
+    node_parameters,
+    stamp,
+    start_node_process,
 )
 from tiny_checkpoint import IMAGE_TOKENS
 

@@ -16,12 +16,18 @@ import pytest
 import torch
 
 from fake_tensorrt import API, FakeTensorRT
+from mobilevlm_ros import tensorrt_support
 from mobilevlm_ros.errors import ArtifactError, BackendError
 from mobilevlm_ros.export import tensorrt as export_trt
 from mobilevlm_ros.export.tensorrt import (
-    build_engine, build_plan, engine_covering, engine_key, gpu_description, timing_cache_path, write_atomically,
+    build_engine,
+    build_plan,
+    engine_covering,
+    engine_key,
+    gpu_description,
+    timing_cache_path,
+    write_atomically,
 )
-from mobilevlm_ros import tensorrt_support
 from mobilevlm_ros.runtime.tensorrt import EngineIO, engine_io, enqueue, set_batch_shape
 from mobilevlm_ros.tensorrt_support import describe_precisions, precision_support, tensorrt_logger, tensorrt_unavailable_reason
 

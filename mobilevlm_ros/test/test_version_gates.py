@@ -14,11 +14,10 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 from fake_tensorrt import FakeTensorRT
-from mobilevlm_ros import doctor
+from mobilevlm_ros import doctor, tensorrt_support
 from mobilevlm_ros.errors import ConfigError
 from mobilevlm_ros.export.onnx import export_onnx, torchscript_exporter
 from mobilevlm_ros.model.checkpoint import load_checkpoint
-from mobilevlm_ros import tensorrt_support
 from mobilevlm_ros.runtime.language import TorchLanguageModel, int8_unavailable_reason
 from mobilevlm_ros.runtime.vision import OnnxRuntimeVision, TorchVision
 

@@ -38,8 +38,23 @@ from transformers import CLIPVisionConfig, DynamicCache
 
 from mobilevlm_ros.demo.recipe import Recipe
 from mobilevlm_ros.demo.world import (
-    CAPTION_QUESTION, COLOURS, NAVIGATION_INSTRUCTIONS, POSITIONS, QUESTION_KINDS, SHAPES, Sample, Scene, caption, draw_shape,
-    navigation_answer, navigation_sample, prompt_question, question, random_negative, random_scene, render,
+    CAPTION_QUESTION,
+    COLOURS,
+    NAVIGATION_INSTRUCTIONS,
+    POSITIONS,
+    QUESTION_KINDS,
+    SHAPES,
+    Sample,
+    Scene,
+    caption,
+    draw_shape,
+    navigation_answer,
+    navigation_sample,
+    prompt_question,
+    question,
+    random_negative,
+    random_scene,
+    render,
 )
 from mobilevlm_ros.model.checkpoint import is_vision_key
 from mobilevlm_ros.model.config import parse_config

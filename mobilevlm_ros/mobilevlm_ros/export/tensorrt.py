@@ -30,13 +30,17 @@ from typing import Any
 
 import torch
 
-from mobilevlm_ros.errors import ArtifactError, ConfigError
 from mobilevlm_ros.choices import engine_build_policy
+from mobilevlm_ros.errors import ArtifactError, ConfigError
 from mobilevlm_ros.export.artifacts import Artifact, ArtifactKey, build_command, get_or_build, model_fingerprint
 from mobilevlm_ros.model.mobilevlm import VisionPath
 from mobilevlm_ros.model.preprocess import ImageProcessor, load_image_file
 from mobilevlm_ros.tensorrt_support import (
-    MIN_TENSORRT, precision_support, strongly_typed_only, tensorrt_logger, tensorrt_version,
+    MIN_TENSORRT,
+    precision_support,
+    strongly_typed_only,
+    tensorrt_logger,
+    tensorrt_version,
 )
 
 logger = logging.getLogger(__name__)

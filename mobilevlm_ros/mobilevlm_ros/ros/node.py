@@ -57,10 +57,22 @@ from mobilevlm_ros.ros.diagnostics import RequestStats
 from mobilevlm_ros.ros.frames import Frame, FrameError, FrameStore
 from mobilevlm_ros.ros.image_conversion import rgb_to_compressed, rgb_to_image
 from mobilevlm_ros.ros.parameters import (
-    CAMERA_QOS_CHECK_S, ConfigurationError, Parameters, changed, check_parameters, declare_parameters,
+    CAMERA_QOS_CHECK_S,
+    ConfigurationError,
+    Parameters,
+    changed,
+    check_parameters,
+    declare_parameters,
 )
 from mobilevlm_ros.ros.worker import (
-    InferenceWorker, Navigation, NavigationResult, Question, QuestionResult, Request, Result, View,
+    InferenceWorker,
+    Navigation,
+    NavigationResult,
+    Question,
+    QuestionResult,
+    Request,
+    Result,
+    View,
 )
 from mobilevlm_ros.runtime.navigation import navigation_question
 from mobilevlm_ros.runtime.sampling import SamplingParams

@@ -17,7 +17,14 @@ from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescri
 from rclpy.node import Node
 
 from mobilevlm_ros.choices import (
-    AMX_SETTINGS, AUTO, DEFAULT_IMAGE_MODES, ENGINE_BUILD, LANGUAGE_BACKENDS, PRECISIONS, QUANTS, VISION_BACKENDS,
+    AMX_SETTINGS,
+    AUTO,
+    DEFAULT_IMAGE_MODES,
+    ENGINE_BUILD,
+    LANGUAGE_BACKENDS,
+    PRECISIONS,
+    QUANTS,
+    VISION_BACKENDS,
 )
 from mobilevlm_ros.demo import DEMO_CHECKPOINT
 from mobilevlm_ros.errors import MobileVLMError
