@@ -161,7 +161,7 @@ def _eval(args: argparse.Namespace) -> int:
     sys.stdout.write(text)
     if args.json:
         answered = [{"image": q.image, "question": q.question, "answer": q.answer, "kind": q.kind, "prediction": a}
-                    for q, a in zip(questions, answers)]
+                    for q, a in zip(questions, answers, strict=True)]
         Path(args.json).write_text(json.dumps({"report": report, "answers": answered}, indent=2) + "\n", encoding="utf-8")
     return 0
 

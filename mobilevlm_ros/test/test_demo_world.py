@@ -31,7 +31,7 @@ def test_scenes_and_frames_are_a_function_of_the_seed():
     first = [random_scene(random.Random(5)) for _ in range(3)]
     again = [random_scene(random.Random(5)) for _ in range(3)]
     assert first == again
-    assert all(np.array_equal(render(a), render(b)) for a, b in zip(first, again))
+    assert all(np.array_equal(render(a), render(b)) for a, b in zip(first, again, strict=True))
     assert random_scene(random.Random(6)) != first[0]
 
 

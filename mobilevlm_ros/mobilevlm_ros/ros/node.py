@@ -305,7 +305,7 @@ class MobileVLMNode(LifecycleNodeMixin, Node):
     def _subscribe_cameras(self) -> None:
         p = self.params
         with self._cameras_lock:
-            for camera, topic, transport in zip(p.cameras, p.camera_topics, p.camera_transports):
+            for camera, topic, transport in zip(p.cameras, p.camera_topics, p.camera_transports, strict=True):
                 compressed = transport == "compressed"
                 msg_type, topic = (CompressedImage, f"{topic}/compressed") if compressed else (Image, topic)
                 self._cameras.append(self._camera_subscription(camera, topic, msg_type, self._reliable(topic)))
