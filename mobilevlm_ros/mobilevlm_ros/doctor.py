@@ -67,7 +67,8 @@ def checks() -> list[Check]:
     else:
         import onnxruntime
 
-        results.append(Check("onnxruntime (vision)", True, f"{onnxruntime.__version__}; providers {', '.join(onnxruntime.get_available_providers())}"))
+        providers = ", ".join(onnxruntime.get_available_providers())
+        results.append(Check("onnxruntime (vision)", True, f"{onnxruntime.__version__}; providers {providers}"))
 
     results.append(_tensorrt_check(gpu))
 

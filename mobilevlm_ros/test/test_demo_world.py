@@ -104,7 +104,8 @@ def test_existence_questions_are_balanced_and_navigation_covers_every_action():
     assert 0.4 < answers.count("yes") / len(answers) < 0.6
     actions = [navigation_sample(random.Random(seed))[1].answer for seed in range(200)]
     assert {"move_forward", "turn_left", "turn_right", "stop"} == set(actions)
-    assert question(random.Random(0), Scene(100, 100, (0, 0, 0), (Shape("circle", "red", 50, 50, 20), Shape("circle", "blue", 20, 20, 10)), 0), "colour") is None
+    two_circles = Scene(100, 100, (0, 0, 0), (Shape("circle", "red", 50, 50, 20), Shape("circle", "blue", 20, 20, 10)), 0)
+    assert question(random.Random(0), two_circles, "colour") is None
 
 
 def test_random_negatives_name_an_absent_object_unrelated_to_the_scene_when_there_is_one():

@@ -346,7 +346,8 @@ def test_parameters_that_change_at_once_are_used_by_the_next_request(harness):
 
 def test_configure_time_parameters_are_refused_while_configured(harness):
     refused = harness.set_parameter("max_queue", 16)
-    assert (refused.successful, refused.reason) == (False, "parameter max_queue is read at configure: set it while the node is unconfigured")
+    assert (refused.successful, refused.reason) == (
+        False, "parameter max_queue is read at configure: set it while the node is unconfigured")
     assert harness.node.get_parameter("max_queue").value == harness.node.params.max_queue == DEFAULTS["max_queue"]
     assert harness.set_parameter("max_queue", DEFAULTS["max_queue"]).successful  # the value it has: a params file loaded again
     assert not harness.set_parameter("temperature", 5.0).successful  # rclpy's range check

@@ -285,7 +285,9 @@ def schedule(step: int, steps: int, warmup: int = 20) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def optimize(name: str, parameters: list[nn.Parameter], steps: int, learning_rate: float, loss_of_step: Callable[[int], torch.Tensor]) -> float:
+def optimize(
+    name: str, parameters: list[nn.Parameter], steps: int, learning_rate: float, loss_of_step: Callable[[int], torch.Tensor]
+) -> float:
     """AdamW over `parameters` for `steps` steps; logs the running loss and returns the last one."""
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.01)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step, steps))
@@ -386,7 +388,8 @@ def train(out_dir: str | Path, recipe: Recipe = Recipe(), device: torch.device |
         return symbols({name: torch.from_numpy(token_cells(labels[indices])).to(device).long() for name, labels in pool.labels.items()})
 
     optimize("0b language", [*language_parameters, *symbols.parameters()], recipe.text_steps, recipe.learning_rate,
-             lambda step: questions_loss(scene_symbols, lambda scene: [*draw_questions(rng, scene, recipe.questions_per_image - 1), describe(scene)]))
+             lambda step: questions_loss(
+                 scene_symbols, lambda scene: [*draw_questions(rng, scene, recipe.questions_per_image - 1), describe(scene)]))
 
     # 1. projector only: image -> caption
     model.requires_grad_(False)

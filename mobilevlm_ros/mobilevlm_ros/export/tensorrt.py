@@ -17,7 +17,7 @@ limit are build settings, recorded in the manifest: an engine is used for any ba
 a build that asks for a larger profile than the cached engine has rebuilds it. The timing cache is kept per TensorRT
 version, GPU and precision and written atomically. The calibration data is prepared without TensorRT
 (`calibration_batches`).
-"""
+"""  # noqa: E501 (the table's rows cannot wrap)
 
 import hashlib
 import logging
@@ -191,7 +191,8 @@ def build_engine(
         calibration_profile = builder.create_optimization_profile()
         calibration_profile.set_shape(input_name, *[tuple(calibration[0].shape)] * 3)
         config.set_calibration_profile(calibration_profile)
-        details |= {"calibration_images": sum(len(batch) for batch in calibration), "calibration_sha256": calibration_fingerprint(calibration)}
+        details |= {"calibration_images": sum(len(batch) for batch in calibration),
+                    "calibration_sha256": calibration_fingerprint(calibration)}
 
     cache = _load_timing_cache(config, timing_cache_path)
     config.set_timing_cache(cache, False)  # False: a cache for another device is refused, not half-used

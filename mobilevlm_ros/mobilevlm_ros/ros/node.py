@@ -451,7 +451,9 @@ class MobileVLMNode(LifecycleNodeMixin, Node):
         return response
 
     @tracked
-    async def _on_navigate(self, request: NavigationInstruction.Request, response: NavigationInstruction.Response) -> NavigationInstruction.Response:
+    async def _on_navigate(
+        self, request: NavigationInstruction.Request, response: NavigationInstruction.Response
+    ) -> NavigationInstruction.Response:
         actions = list(request.actions) or self.params.navigation_actions
         result = await self._choose(request, actions)
         self._fill(response, result, request.camera)

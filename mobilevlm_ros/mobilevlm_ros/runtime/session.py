@@ -1,9 +1,10 @@
 """Sessions: one frame, encoded and prefilled once, then any number of questions or choices about it.
 
 The "v1" prompt splits at the image: [BOS] + "{system} USER: " + <image> is the same for every question, so it is
-prefilled once (an overview and its tiles are several images with text between them, prefilled alike); each question appends only "\\n{question} ASSISTANT:" (exactly upstream's tokenization of the text
-after `<image>`) and truncates back afterwards. With `keep_history` the answers stay in the cache and the next
-question continues the conversation ("...ASSISTANT: {answer}</s>USER: {question} ASSISTANT:").
+prefilled once (an overview and its tiles are several images with text between them, prefilled alike); each
+question appends only "\\n{question} ASSISTANT:" (exactly upstream's tokenization of the text after `<image>`) and
+truncates back afterwards. With `keep_history` the answers stay in the cache and the next question continues the
+conversation ("...ASSISTANT: {answer}</s>USER: {question} ASSISTANT:").
 """
 
 import math
