@@ -28,7 +28,7 @@ INTERFACE_SRCS := mobilevlm_interfaces/CMakeLists.txt mobilevlm_interfaces/packa
 # What scripts/install_ros_layout.py lays out from setup.py's data_files.
 ROS_LAYOUT_SRCS := mobilevlm_ros/resource/mobilevlm_ros $(wildcard mobilevlm_ros/launch/* mobilevlm_ros/config/*)
 
-.PHONY: venv interfaces launch-interfaces install test test-kilted test-jazzy demo clean distclean
+.PHONY: venv interfaces launch-interfaces install lint test test-kilted test-jazzy demo clean distclean
 
 venv: $(VENV_STAMP)
 interfaces: $(INTERFACES_STAMP)
@@ -81,10 +81,14 @@ $(INSTALL_STAMP): $(VENV_STAMP) mobilevlm_ros/setup.py mobilevlm_ros/setup.cfg m
 	$(PY) scripts/install_ros_layout.py mobilevlm_ros $(VENV)
 	touch $@
 
+# ruff over the repository (settings in pyproject.toml); `make test` lints first.
+lint: venv
+	$(PY) -m ruff check .
+
 # The full suite on Kilted's rclpy, then the ROS-facing tests on Jazzy's.
 test: test-kilted test-jazzy
 
-test-kilted: venv interfaces launch-interfaces install floors
+test-kilted: lint venv interfaces launch-interfaces install floors
 	$(PY) -m pytest mobilevlm_ros/test $(PYTEST_ARGS)
 
 # The oldest Pillow the package allows (setup.py), beside the venv's own: test_floors.py runs the image tests on it.

@@ -42,6 +42,7 @@ import time
 import traceback
 from collections.abc import Callable
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -282,7 +283,7 @@ def decode(check: Check) -> dict[str, Any]:
         "cuda_graph": "yes" if graph else "skipped: no CUDA (static cache without a graph on the CPU)",
     }
     if not result["identical_tokens"]:
-        result["first_difference"] = next(i for i, (a, b) in enumerate(zip(static_tokens, eager_tokens)) if a != b) \
+        result["first_difference"] = next(i for i, (a, b) in enumerate(zip(static_tokens, eager_tokens, strict=True)) if a != b) \
             if static_tokens != eager_tokens else None
     return result
 
@@ -339,7 +340,7 @@ def vision(check: Check) -> dict[str, Any]:
     for batch in (1, 7):
         pixels = vlm.image_processor.batch([frame()] * batch).to(device, dtype)
         with torch.inference_mode():
-            seconds = timed(lambda: vlm.vision(pixels), device, check.args.repeats)
+            seconds = timed(partial(vlm.vision, pixels), device, check.args.repeats)
         result[f"batch_{batch}_ms"] = round(seconds * 1e3, 2)
     return result
 
@@ -449,8 +450,8 @@ def tensorrt_engines(check: Check) -> dict[str, Any]:
         ours = engine(batch1)
         result[precision] = {
             "build_s": round(build_s, 1), "plan": plan.key_fields, "size_mb": round(engine_path.stat().st_size / 1e6, 1),
-            "batch_1_ms": round(timed(lambda: engine(batch1), device, check.args.repeats) * 1e3, 2),
-            "batch_7_ms": round(timed(lambda: engine(batch7), device, check.args.repeats) * 1e3, 2),
+            "batch_1_ms": round(timed(partial(engine, batch1), device, check.args.repeats) * 1e3, 2),
+            "batch_7_ms": round(timed(partial(engine, batch7), device, check.args.repeats) * 1e3, 2),
             "vs_torch_fp32": compare(ours, expected), "details": details,
         }
         del engine

@@ -9,11 +9,19 @@ from collections.abc import Sequence
 from dataclasses import fields
 from typing import TYPE_CHECKING
 
+from mobilevlm_ros.choices import (
+    AMX_SETTINGS,
+    AUTO,
+    IMAGE_MODES,
+    LANGUAGE_BACKENDS,
+    MMPROJ_TYPES,
+    PRECISIONS,
+    QUANTS,
+    VISION_BACKENDS,
+    vision_precision,
+)
 from mobilevlm_ros.demo.recipe import Recipe
 from mobilevlm_ros.errors import ConfigError, MobileVLMError, PromptError
-from mobilevlm_ros.choices import (
-    AMX_SETTINGS, AUTO, IMAGE_MODES, LANGUAGE_BACKENDS, MMPROJ_TYPES, PRECISIONS, QUANTS, VISION_BACKENDS, vision_precision,
-)
 
 if TYPE_CHECKING:
     from mobilevlm_ros.runtime.vlm import MobileVLM
@@ -85,7 +93,8 @@ def _build(args: argparse.Namespace) -> int:
     for artifact in artifacts:
         manifest = artifact.manifest
         details = manifest.get("details", {})
-        detail = ", ".join(f"{k} {v}" for k, v in details.get("tensor_types", {}).items()) or ", ".join(f"{k} {v}" for k, v in details.items())
+        detail = (", ".join(f"{k} {v}" for k, v in details.get("tensor_types", {}).items())
+                  or ", ".join(f"{k} {v}" for k, v in details.items()))
         rows.append((str(artifact.path), f"{manifest['size'] / 1e6:.1f} MB", f"{manifest['build_seconds']:.1f} s",
                      "built" if artifact.built else "cached", detail))
     header = ("artifact", "size", "build time", "status", "details")
@@ -153,7 +162,7 @@ def _eval(args: argparse.Namespace) -> int:
     sys.stdout.write(text)
     if args.json:
         answered = [{"image": q.image, "question": q.question, "answer": q.answer, "kind": q.kind, "prediction": a}
-                    for q, a in zip(questions, answers)]
+                    for q, a in zip(questions, answers, strict=True)]
         Path(args.json).write_text(json.dumps({"report": report, "answers": answered}, indent=2) + "\n", encoding="utf-8")
     return 0
 
@@ -258,10 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default="cpu", help="torch device to train on, e.g. cuda (default cpu: the shipped checkpoint's)")
     for knob in fields(Recipe):
         if knob.name != "seed":
-            train.add_argument(f"--{knob.name.replace('_', '-')}", type=type(knob.default), default=knob.default, help=f"(default {knob.default})")
+            train.add_argument(f"--{knob.name.replace('_', '-')}", type=type(knob.default), default=knob.default,
+                               help=f"(default {knob.default})")
     train.set_defaults(run=_train)
 
-    build = commands.add_parser("build", help="build artifacts (LLM as GGUF, vision as ONNX / TensorRT engine / mmproj GGUF) into the engines directory")
+    build = commands.add_parser(
+        "build", help="build artifacts (LLM as GGUF, vision as ONNX / TensorRT engine / mmproj GGUF) into the engines directory"
+    )
     build.add_argument("--model", required=True, help="MobileVLM checkpoint directory")
     build.add_argument("--llm", choices=["gguf"], help="what to build for the language model")
     build.add_argument("--vision", choices=list(VISION_ARTIFACTS), help="what to build for the vision tower + projector")
@@ -271,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_precision_argument(build, "--precision")
     build.add_argument("--calibration-dir", default=None, help="TensorRT int8: a directory of sample images (jpg, png) to calibrate on")
     build.add_argument("--max-batch", type=int, default=8, help="TensorRT profile: largest batch of tiles (default 8)")
-    build.add_argument("--workspace-mb", type=int, default=1024, help="TensorRT builder workspace limit (default 1024 MB, fits an 8 GB Orin Nano)")
+    build.add_argument("--workspace-mb", type=int, default=1024,
+                       help="TensorRT builder workspace limit (default 1024 MB, fits an 8 GB Orin Nano)")
     build.add_argument("--quant", nargs="+", default=["q4_k_s"], choices=QUANTS, help="GGUF type(s) (default q4_k_s)")
     build.add_argument("--engines-dir", default=None, help="artifact cache (default: the package's engines/)")
     build.add_argument("--engine-path", default=None,
@@ -282,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="time image -> answer against the plain baselines; prints a Markdown table")
     source = bench.add_mutually_exclusive_group()
-    source.add_argument("--size", default="1.7b", choices=["1.7b", "3b", "tiny"], help="random-weight model of this architecture (default 1.7b)")
+    source.add_argument("--size", default="1.7b", choices=["1.7b", "3b", "tiny"],
+                        help="random-weight model of this architecture (default 1.7b)")
     source.add_argument("--model", default=None, help="a checkpoint directory instead of a random model")
     bench.add_argument("--language", default="llamacpp", choices=LANGUAGE_BACKENDS, help="our language backend (default llamacpp)")
     bench.add_argument("--quant", default="q4_k_s", choices=QUANTS, help="GGUF type (default q4_k_s)")
@@ -296,10 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     bench.add_argument("--vision-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                        help="dtype of our vision tower and projector (with --language torch: of the whole model)")
-    bench.add_argument("--work-dir", default=None, help="where random checkpoints are written and reused (default ~/.cache/mobilevlm_ros/bench)")
+    bench.add_argument("--work-dir", default=None,
+                       help="where random checkpoints are written and reused (default ~/.cache/mobilevlm_ros/bench)")
     bench.add_argument("--engines-dir", default=None, help="artifact cache (default: <work-dir>/engines, or the package's for --model)")
     bench.add_argument("--tiles", type=int, default=0,
-                       help="also time tiles mode with this tile budget on a 1920x1080 frame: vision for overview + tiles, prompt tokens, TTFT")
+                       help="also time tiles mode with this tile budget on a 1920x1080 frame: vision for overview + tiles, "
+                            "prompt tokens, TTFT")
     _add_llama_amx_argument(bench)
     bench.add_argument("--json", default=None, help="also write the results as JSON to this file")
     bench.add_argument("--markdown", default=None, help="also write the Markdown table to this file")

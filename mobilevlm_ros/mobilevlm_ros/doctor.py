@@ -67,7 +67,8 @@ def checks() -> list[Check]:
     else:
         import onnxruntime
 
-        results.append(Check("onnxruntime (vision)", True, f"{onnxruntime.__version__}; providers {', '.join(onnxruntime.get_available_providers())}"))
+        providers = ", ".join(onnxruntime.get_available_providers())
+        results.append(Check("onnxruntime (vision)", True, f"{onnxruntime.__version__}; providers {providers}"))
 
     results.append(_tensorrt_check(gpu))
 
@@ -76,9 +77,7 @@ def checks() -> list[Check]:
     else:
         import llama_cpp
 
-        from mobilevlm_ros.ggml import AMX_BUFFER_TYPE, extra_buffer_types, offered_buffer_types
-
-        from mobilevlm_ros.ggml import gpu_devices
+        from mobilevlm_ros.ggml import AMX_BUFFER_TYPE, extra_buffer_types, gpu_devices, offered_buffer_types
 
         gpus = gpu_devices() if llama_cpp.llama_supports_gpu_offload() else []
         if gpus:

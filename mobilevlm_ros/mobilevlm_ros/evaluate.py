@@ -74,7 +74,7 @@ def score(questions: list[Question], predictions: list[str]) -> dict:
     """Exact-match accuracy overall and per kind; POPE's metrics over the yes/no questions."""
     correct = [is_correct(p, q.answer) for q, p in zip(questions, predictions, strict=True)]
     by_kind: dict[str, list[bool]] = defaultdict(list)
-    for question, hit in zip(questions, correct):
+    for question, hit in zip(questions, correct, strict=True):
         by_kind[question.kind].append(hit)
     report = {
         "questions": len(questions),
@@ -82,7 +82,7 @@ def score(questions: list[Question], predictions: list[str]) -> dict:
         "by_kind": {kind: {"questions": len(hits), "accuracy": sum(hits) / len(hits)} for kind, hits in sorted(by_kind.items())},
     }
     yes_no = [(normalize_answer(q.answer) == "yes", normalize_answer(p).startswith("yes"))
-              for q, p in zip(questions, predictions) if normalize_answer(q.answer) in ("yes", "no")]
+              for q, p in zip(questions, predictions, strict=True) if normalize_answer(q.answer) in ("yes", "no")]
     if yes_no:
         true_positive = sum(truth and said for truth, said in yes_no)
         said_yes = sum(said for _, said in yes_no)

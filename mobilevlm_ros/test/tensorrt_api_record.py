@@ -81,7 +81,10 @@ def record(repo: str, tag: str) -> tuple[dict[str, dict], list[str]]:
             kind, name = match.groups()
             module.add(name)
             body = statement(source, match.start())
-            pattern = r'\.value\(\s*"(\w+)"' if kind == "enum_" else r'\.def(?:_property|_property_readonly|_readwrite|_readonly|_static)?\(\s*"(\w+)"'
+            if kind == "enum_":
+                pattern = r'\.value\(\s*"(\w+)"'
+            else:
+                pattern = r'\.def(?:_property|_property_readonly|_readwrite|_readonly|_static)?\(\s*"(\w+)"'
             members = list(dict.fromkeys(re.findall(pattern, body)))
             if name in CLASSES:
                 entry = classes.setdefault(name, {"members": [], "source": URL.format(tag=tag, path=path)})

@@ -4,13 +4,11 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import shutil
 import time
 from pathlib import Path
 
 import pytest
-
-import shutil
-
 import torch
 from safetensors.torch import save_file
 

@@ -5,10 +5,9 @@ import ctypes
 import json
 
 import pytest
-
-from mobilevlm_ros.bench import BenchOptions, BenchResult
 from PIL import Image
 
+from mobilevlm_ros.bench import BenchOptions, BenchResult
 from mobilevlm_ros.bench.harness import Worker
 from mobilevlm_ros.bench.llamacpp_mtmd import common_prefix
 from mobilevlm_ros.bench.plot import plot, stage_seconds

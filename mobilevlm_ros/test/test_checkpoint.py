@@ -23,7 +23,8 @@ def test_loads_every_tensor_strictly(make_checkpoint, projector, fmt):
     loaded = load_checkpoint(path)
     state = loaded.model.state_dict()
     assert state.keys() == files.keys()
-    for key in ("lm_head.weight", "model.layers.1.mlp.down_proj.weight", "model.mm_projector." + ("peg.peg.0.bias" if projector == "ldpnetv2" else "model.mb_block.2.block.1.fc2.weight")):
+    projector_key = "peg.peg.0.bias" if projector == "ldpnetv2" else "model.mb_block.2.block.1.fc2.weight"
+    for key in ("lm_head.weight", "model.layers.1.mlp.down_proj.weight", "model.mm_projector." + projector_key):
         assert torch.equal(state[key], files[key].float())
 
 
@@ -133,7 +134,8 @@ def test_unexpected_key_is_named_with_its_file(copy_checkpoint):
 def test_wrong_shape_is_named_with_both_shapes(copy_checkpoint):
     path = copy_checkpoint()
     _edit_weights(path, lambda w: w.update({"model.norm.weight": torch.ones(65, dtype=torch.float16)}))
-    with pytest.raises(CheckpointError, match=r"wrong shape: model\.norm\.weight \(in model\.safetensors\): \(65,\) in the file, \(64,\) expected"):
+    with pytest.raises(CheckpointError,
+                       match=r"wrong shape: model\.norm\.weight \(in model\.safetensors\): \(65,\) in the file, \(64,\) expected"):
         load_checkpoint(path)
 
 
@@ -149,7 +151,9 @@ def test_all_problems_are_reported_together(copy_checkpoint):
         load_checkpoint(path)
 
 
-@pytest.mark.parametrize("fmt, file", [("safetensors", "model.safetensors"), ("bin", "pytorch_model.bin"), ("bin-sharded", "pytorch_model-00002-of-00002.bin")])
+@pytest.mark.parametrize("fmt, file", [
+    ("safetensors", "model.safetensors"), ("bin", "pytorch_model.bin"), ("bin-sharded", "pytorch_model-00002-of-00002.bin"),
+])
 def test_truncated_weight_file(copy_checkpoint, fmt, file):
     path = copy_checkpoint(fmt=fmt)
     data = (path / file).read_bytes()

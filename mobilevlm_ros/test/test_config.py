@@ -29,7 +29,9 @@ def test_official_fields_parse(tmp_path):
     assert config.text_config.tie_word_embeddings is False
 
 
-@pytest.mark.parametrize("projector, v2, depth", [("ldpnet", False, None), ("ldpnetv2", True, None), ("mlp2x_gelu", False, 2), ("mlp3x_gelu", False, 3), ("linear", False, None)])
+@pytest.mark.parametrize("projector, v2, depth", [
+    ("ldpnet", False, None), ("ldpnetv2", True, None), ("mlp2x_gelu", False, 2), ("mlp3x_gelu", False, 3), ("linear", False, None),
+])
 def test_projector_types(tmp_path, projector, v2, depth):
     config = load_config(write(tmp_path, mm_projector_type=projector))
     assert (config.is_v2, config.mlp_depth) == (v2, depth)

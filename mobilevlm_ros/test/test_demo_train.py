@@ -10,8 +10,18 @@ from safetensors import safe_open
 
 from mobilevlm_ros.demo.recipe import Recipe
 from mobilevlm_ros.demo.train import (
-    ATTRIBUTE_CLASSES, IGNORE, TOWER_DIR, SceneSymbols, build_model, language_loss, make_pool, patch_labels, patch_loss, pool_entry,
-    token_cells, train,
+    ATTRIBUTE_CLASSES,
+    IGNORE,
+    TOWER_DIR,
+    SceneSymbols,
+    build_model,
+    language_loss,
+    make_pool,
+    patch_labels,
+    patch_loss,
+    pool_entry,
+    token_cells,
+    train,
 )
 from mobilevlm_ros.demo.world import COLOURS, Scene, Shape
 from mobilevlm_ros.model.preprocess import ImageProcessor
@@ -116,7 +126,7 @@ RED = 1 + list(COLOURS).index("red")
 def test_every_patch_of_a_token_cell_learns_the_shape_owning_the_cell():
     processor = ImageProcessor(crop_size=336, shortest_edge=336)
     under_each_patch = patch_labels(SMALL_SQUARE, processor, patch_size=28, cell=1)["colour"].reshape(12, 12)
-    assert list(zip(*np.nonzero(under_each_patch))) == [(4, 5)] and under_each_patch[4, 5] == RED
+    assert list(zip(*np.nonzero(under_each_patch), strict=True)) == [(4, 5)] and under_each_patch[4, 5] == RED
 
     by_cell = patch_labels(SMALL_SQUARE, processor, patch_size=28)["colour"].reshape(12, 12)
     assert np.all(by_cell[4:6, 4:6] == RED) and np.count_nonzero(by_cell) == 4
@@ -126,7 +136,7 @@ def test_the_tower_learns_colour_on_every_patch_and_the_rest_on_the_patches_a_sh
     labels = {name: torch.from_numpy(value).long()
               for name, value in patch_labels(SMALL_SQUARE, ImageProcessor(crop_size=336, shortest_edge=336), patch_size=28).items()}
     logits = {name: torch.randn(144, classes, requires_grad=True) for name, classes in ATTRIBUTE_CLASSES.items()}
-    gradients = dict(zip(logits, torch.autograd.grad(patch_loss(logits, labels), list(logits.values()))))
+    gradients = dict(zip(logits, torch.autograd.grad(patch_loss(logits, labels), list(logits.values())), strict=True))
 
     owned = labels["colour"] > 0
     assert owned.sum() == 4

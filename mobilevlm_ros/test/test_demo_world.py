@@ -7,8 +7,22 @@ import numpy as np
 import pytest
 
 from mobilevlm_ros.demo.world import (
-    CENTRE_BAND, COLOURS, NEAR_RANGE, QUESTION_KINDS, SHAPES, Scene, Shape, caption, held_out_samples, navigation_answer,
-    navigation_sample, question, random_negative, random_scene, render, write_eval_set,
+    CENTRE_BAND,
+    COLOURS,
+    NEAR_RANGE,
+    QUESTION_KINDS,
+    SHAPES,
+    Scene,
+    Shape,
+    caption,
+    held_out_samples,
+    navigation_answer,
+    navigation_sample,
+    question,
+    random_negative,
+    random_scene,
+    render,
+    write_eval_set,
 )
 from mobilevlm_ros.evaluate import read_questions
 
@@ -17,7 +31,7 @@ def test_scenes_and_frames_are_a_function_of_the_seed():
     first = [random_scene(random.Random(5)) for _ in range(3)]
     again = [random_scene(random.Random(5)) for _ in range(3)]
     assert first == again
-    assert all(np.array_equal(render(a), render(b)) for a, b in zip(first, again))
+    assert all(np.array_equal(render(a), render(b)) for a, b in zip(first, again, strict=True))
     assert random_scene(random.Random(6)) != first[0]
 
 
@@ -90,7 +104,8 @@ def test_existence_questions_are_balanced_and_navigation_covers_every_action():
     assert 0.4 < answers.count("yes") / len(answers) < 0.6
     actions = [navigation_sample(random.Random(seed))[1].answer for seed in range(200)]
     assert {"move_forward", "turn_left", "turn_right", "stop"} == set(actions)
-    assert question(random.Random(0), Scene(100, 100, (0, 0, 0), (Shape("circle", "red", 50, 50, 20), Shape("circle", "blue", 20, 20, 10)), 0), "colour") is None
+    two_circles = Scene(100, 100, (0, 0, 0), (Shape("circle", "red", 50, 50, 20), Shape("circle", "blue", 20, 20, 10)), 0)
+    assert question(random.Random(0), two_circles, "colour") is None
 
 
 def test_random_negatives_name_an_absent_object_unrelated_to_the_scene_when_there_is_one():

@@ -48,12 +48,14 @@ def reference_projector(features, w, projector_type):
     if projector_type == "mlp2x_gelu":
         return F.linear(F.gelu(F.linear(features, w[PROJ + "0.weight"], w[PROJ + "0.bias"])), w[PROJ + "2.weight"], w[PROJ + "2.bias"])
     if projector_type == "ldpnetv2":
-        x = F.linear(F.gelu(F.linear(features, w[PROJ + "mlp.mlp.0.weight"], w[PROJ + "mlp.mlp.0.bias"])), w[PROJ + "mlp.mlp.2.weight"], w[PROJ + "mlp.mlp.2.bias"])
+        x = F.linear(F.gelu(F.linear(features, w[PROJ + "mlp.mlp.0.weight"], w[PROJ + "mlp.mlp.0.bias"])),
+                     w[PROJ + "mlp.mlp.2.weight"], w[PROJ + "mlp.mlp.2.bias"])
         grid = F.avg_pool2d(to_grid(x), 2)  # 24x24 -> 12x12
         grid = F.conv2d(grid, w[PROJ + "peg.peg.0.weight"], w[PROJ + "peg.peg.0.bias"], padding=1, groups=grid.shape[1]) + grid
         return grid.flatten(2).transpose(1, 2)
     if projector_type == "ldpnet":
-        x = F.linear(F.gelu(F.linear(features, w[PROJ + "model.mlp.1.weight"], w[PROJ + "model.mlp.1.bias"])), w[PROJ + "model.mlp.3.weight"], w[PROJ + "model.mlp.3.bias"])
+        x = F.linear(F.gelu(F.linear(features, w[PROJ + "model.mlp.1.weight"], w[PROJ + "model.mlp.1.bias"])),
+                     w[PROJ + "model.mlp.3.weight"], w[PROJ + "model.mlp.3.bias"])
         grid = inverted_residual(to_grid(x), w, PROJ + "model.mb_block.1.block.", 1)
         grid = inverted_residual(grid, w, PROJ + "model.mb_block.2.block.", 2)
         return grid.flatten(2).transpose(1, 2)

@@ -35,8 +35,9 @@ def test_answers_match_after_normalization():
 
 
 def test_accuracy_per_kind_and_pope_metrics():
-    questions = [Question("i", "q", answer, kind) for answer, kind in
-                 [("red", "colour"), ("blue", "colour"), ("yes", "existence"), ("yes", "existence"), ("no", "existence"), ("no", "existence")]]
+    questions = [Question("i", "q", answer, kind) for answer, kind in [
+        ("red", "colour"), ("blue", "colour"), ("yes", "existence"), ("yes", "existence"), ("no", "existence"), ("no", "existence"),
+    ]]
     predictions = ["Red.", "green", "Yes", "no", "yes, there is", "No."]
     report = score(questions, predictions)
     assert report["accuracy"] == pytest.approx(3 / 6)
@@ -63,6 +64,7 @@ def test_the_eval_command_answers_every_question_and_writes_the_report(make_chec
 def test_the_eval_command_reports_a_missing_image(make_checkpoint, tmp_path, capsys):
     data = tmp_path / "q.jsonl"
     data.write_text(json.dumps({"image": "nowhere.png", "question": "What colour?", "answer": "red"}) + "\n")
-    code = main(["eval", "--model", str(make_checkpoint(dtype=torch.float32)), "--device", "cpu", "--data", str(data), "--images", str(tmp_path)])
+    code = main(["eval", "--model", str(make_checkpoint(dtype=torch.float32)), "--device", "cpu", "--data", str(data),
+                 "--images", str(tmp_path)])
     assert code == 1
     assert "nowhere.png: cannot read image" in capsys.readouterr().err

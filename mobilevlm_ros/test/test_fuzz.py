@@ -78,8 +78,9 @@ def raw_images(draw: Any) -> Image:
 def is_consistent(msg: Image) -> bool:
     """Whether a correct converter must accept `msg`."""
     bpp = BYTES_PER_PIXEL.get(msg.encoding)
-    return (bpp is not None and 0 < msg.width * msg.height <= MAX_PIXELS and max(msg.width, msg.height) <= MAX_SIDE and msg.step >= msg.width * bpp
-            and len(msg.data) == msg.step * msg.height and not (bpp == 2 and msg.encoding != "mono16" and msg.width % 2))
+    return (bpp is not None and 0 < msg.width * msg.height <= MAX_PIXELS and max(msg.width, msg.height) <= MAX_SIDE
+            and msg.step >= msg.width * bpp and len(msg.data) == msg.step * msg.height
+            and not (bpp == 2 and msg.encoding != "mono16" and msg.width % 2))
 
 
 @st.composite

@@ -13,9 +13,9 @@ from rclpy.lifecycle import TransitionCallbackReturn
 
 from mobilevlm_interfaces.srv import NavigationInstruction, VisualQuery
 from mobilevlm_ros.choices import vision_precision
-from mobilevlm_ros.model.checkpoint import is_vision_key
-from mobilevlm_ros.errors import ArtifactError, BackendError, ConfigError
 from mobilevlm_ros.cpu import physical_cores
+from mobilevlm_ros.errors import ArtifactError, BackendError, ConfigError
+from mobilevlm_ros.model.checkpoint import is_vision_key
 from mobilevlm_ros.runtime.ggml_vision import GgmlVision
 from mobilevlm_ros.runtime.vlm import MobileVLM
 from ros_harness import FRAME, Harness, encode, node_parameters, stamp

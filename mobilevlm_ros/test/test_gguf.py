@@ -13,7 +13,6 @@ from mobilevlm_ros.cli import main
 from mobilevlm_ros.errors import ConfigError
 from mobilevlm_ros.export.gguf import QUANT_FILE_TYPES, build_llm_gguf, llm_gguf_artifact, write_gguf
 from mobilevlm_ros.model.checkpoint import load_checkpoint
-
 from tiny_checkpoint import TINY_LLAMA
 
 

@@ -52,7 +52,8 @@ def test_cpu_run_exercises_the_sections_and_records_what_needs_cuda(tmp_path):
     assert "no GPU backend" in sections["llamacpp"]["status"] or "does not import" in sections["llamacpp"]["status"]
 
     # Asked for CUDA on a machine without it: the sections that need it say so, the rest still run.
-    again = run("--device", "cuda", "--size", "tiny", "--out", str(out), "--work-dir", str(work), "--sections", "versions", "checkpoint", "load", "decode")
+    again = run("--device", "cuda", "--size", "tiny", "--out", str(out), "--work-dir", str(work),
+                "--sections", "versions", "checkpoint", "load", "decode")
     assert again.returncode == 0, again.stdout + again.stderr
     sections = json.loads(out.read_text())["sections"]
     assert sections["checkpoint"]["reused"] and sections["load"]["status"] == "skipped: no CUDA"

@@ -146,14 +146,16 @@ def test_crop_asks_about_the_region_at_full_resolution(vlm, frame):
 
 def test_bgr_frames_are_tiled_like_rgb(vlm, frame):
     bgr = np.ascontiguousarray(frame[:, :, ::-1])
-    assert vlm.ask(bgr, QUESTION, max_new_tokens=4, channel_order="bgr", mode="tiles") == vlm.ask(frame, QUESTION, max_new_tokens=4, mode="tiles")
+    assert (vlm.ask(bgr, QUESTION, max_new_tokens=4, channel_order="bgr", mode="tiles")
+            == vlm.ask(frame, QUESTION, max_new_tokens=4, mode="tiles"))
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
     (dict(mode="zoom"), PromptError, "unknown image mode 'zoom' (expected overview, tiles, per_tile, crop)"),
     (dict(mode="crop"), PromptError, "mode crop needs a region of interest"),
     (dict(mode="overview", roi=(0, 0, 10, 10)), PromptError, "a region of interest is only used by mode crop, not overview"),
-    (dict(mode="crop", roi=(650, 0, 100, 10)), ImageError, "region of interest (x=650, y=0, width=100, height=10) reaches outside the 700x400 frame"),
+    (dict(mode="crop", roi=(650, 0, 100, 10)), ImageError,
+     "region of interest (x=650, y=0, width=100, height=10) reaches outside the 700x400 frame"),
     (dict(mode="crop", roi=(0, 0, 0, 0)), ImageError, "is empty"),
     (dict(mode="tiles", max_tiles=0), ImageError, "max_tiles must be at least 1, got 0"),
 ])

@@ -93,13 +93,15 @@ def test_sessions_work_unchanged(torch_vlm, llama_vlms, image):
     history = vlm.session(image, keep_history=True)
     reference = torch_vlm.session(image, keep_history=True)
     for question in QUESTIONS:
-        assert_same_answer(history.ask(question, SamplingParams(max_new_tokens=4)), reference.ask(question, SamplingParams(max_new_tokens=4)))
+        assert_same_answer(history.ask(question, SamplingParams(max_new_tokens=4)),
+                           reference.ask(question, SamplingParams(max_new_tokens=4)))
 
 
 def test_choose_ranks_like_torch(torch_vlm, llama_vlms, image):
     options = ["move_forward", "turn_left", "turn_right", "stop"]
     for instruction in ("Go to the red square.", "Turn around."):
-        ours, reference = llama_vlms["f32"].session(image).choose(instruction, options), torch_vlm.session(image).choose(instruction, options)
+        ours = llama_vlms["f32"].session(image).choose(instruction, options)
+        reference = torch_vlm.session(image).choose(instruction, options)
         assert ours.option == reference.option
         assert sorted(options, key=ours.scores.get) == sorted(options, key=reference.scores.get)
         for option in options:
@@ -256,7 +258,8 @@ def test_flash_attention_is_automatic_where_layers_are_offloaded_and_off_on_the_
     from mobilevlm_ros.runtime.llamacpp import FLASH_ATTENTION_TYPES, flash_attention_setting
 
     assert [flash_attention_setting(None, offloaded) for offloaded in (True, False)] == ["auto", "off"]
-    assert [flash_attention_setting(forced, offloaded) for forced in (True, False) for offloaded in (True, False)] == ["on", "on", "off", "off"]
+    assert ([flash_attention_setting(forced, offloaded) for forced in (True, False) for offloaded in (True, False)]
+            == ["on", "on", "off", "off"])
     assert FLASH_ATTENTION_TYPES["auto"] == llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
     if not llama_cpp.llama_supports_gpu_offload():  # this build: the CPU path is what it was
         backend = LlamaCppLanguageModel(f32_gguf, max_sequences=1, kv_cells=64)

@@ -16,9 +16,9 @@ from action_msgs.msg import GoalStatus
 from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray
 from lifecycle_msgs.msg import State
+from rcl_interfaces.msg import Log
 from rclpy.action import ActionClient
 from rclpy.lifecycle import TransitionCallbackReturn
-from rcl_interfaces.msg import Log
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
@@ -30,8 +30,19 @@ from mobilevlm_ros.ros.parameters import SPECS
 from mobilevlm_ros.runtime.navigation import NAVIGATION_ACTIONS, navigation_question
 from mobilevlm_ros.runtime.vlm import MobileVLM
 from ros_harness import (
-    DEFAULT_CAMERA, FRAME, FRAME_ID, MAX_NEW_TOKENS, PROCESS_TIMEOUT_S, TIMEOUT_S, Harness, ProcessClient,
-    diagnostic_values, encode, node_parameters, stamp, start_node_process,
+    DEFAULT_CAMERA,
+    FRAME,
+    FRAME_ID,
+    MAX_NEW_TOKENS,
+    PROCESS_TIMEOUT_S,
+    TIMEOUT_S,
+    Harness,
+    ProcessClient,
+    diagnostic_values,
+    encode,
+    node_parameters,
+    stamp,
+    start_node_process,
 )
 from tiny_checkpoint import IMAGE_TOKENS
 
@@ -335,7 +346,8 @@ def test_parameters_that_change_at_once_are_used_by_the_next_request(harness):
 
 def test_configure_time_parameters_are_refused_while_configured(harness):
     refused = harness.set_parameter("max_queue", 16)
-    assert (refused.successful, refused.reason) == (False, "parameter max_queue is read at configure: set it while the node is unconfigured")
+    assert (refused.successful, refused.reason) == (
+        False, "parameter max_queue is read at configure: set it while the node is unconfigured")
     assert harness.node.get_parameter("max_queue").value == harness.node.params.max_queue == DEFAULTS["max_queue"]
     assert harness.set_parameter("max_queue", DEFAULTS["max_queue"]).successful  # the value it has: a params file loaded again
     assert not harness.set_parameter("temperature", 5.0).successful  # rclpy's range check

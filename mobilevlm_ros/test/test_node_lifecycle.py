@@ -21,7 +21,15 @@ from mobilevlm_interfaces.action import Ask
 from mobilevlm_interfaces.srv import VisualQuery
 from mobilevlm_ros.runtime.vlm import MobileVLM
 from ros_harness import (
-    FRAME, TIMEOUT_S, Harness, ProcessClient, diagnostic_values, encode, node_parameters, stamp, start_node_process,
+    FRAME,
+    TIMEOUT_S,
+    Harness,
+    ProcessClient,
+    diagnostic_values,
+    encode,
+    node_parameters,
+    stamp,
+    start_node_process,
 )
 
 QUEUED = 8  # requests waiting behind the running one: the node's whole queue (max_queue)

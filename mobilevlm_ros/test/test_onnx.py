@@ -1,7 +1,5 @@
 """ONNX export of the vision path and the ONNX Runtime / TensorRT backends against torch."""
 
-from pathlib import Path
-
 import onnx
 import pytest
 import torch
@@ -9,9 +7,9 @@ import torch
 from mobilevlm_ros.export import onnx as onnx_export
 from mobilevlm_ros.export.onnx import export_onnx, onnx_artifact, quantize_onnx
 from mobilevlm_ros.model.checkpoint import is_vision_key, load_checkpoint
-from mobilevlm_ros.tensorrt_support import tensorrt_unavailable_reason
 from mobilevlm_ros.runtime.vision import OnnxRuntimeVision, TorchVision
 from mobilevlm_ros.runtime.vlm import MobileVLM
+from mobilevlm_ros.tensorrt_support import tensorrt_unavailable_reason
 from vision_graphs import cosine, pixels, real_size_vision_model
 
 CPU = torch.device("cpu")

@@ -126,7 +126,8 @@ def test_graph_input_read_by_a_layer_norm_and_a_norm_output_as_graph_output():
 def test_nodes_the_pass_cannot_type_are_refused():
     x = helper.make_tensor_value_info("x", FLOAT, [2])
     y = helper.make_tensor_value_info("y", FLOAT, [2])
-    random = constant_graph([helper.make_node("RandomNormalLike", ["x"], ["r"], dtype=FLOAT), helper.make_node("Add", ["x", "r"], ["y"])], [x], [y])
+    random = constant_graph(
+        [helper.make_node("RandomNormalLike", ["x"], ["r"], dtype=FLOAT), helper.make_node("Add", ["x", "r"], ["y"])], [x], [y])
     with pytest.raises(ArtifactError, match="RandomNormalLike.*names fp32 in its 'dtype' attribute"):
         convert_to_fp16(random)
     branch = helper.make_graph([helper.make_node("Identity", ["x"], ["z"])], "b", [], [helper.make_tensor_value_info("z", FLOAT, [2])])

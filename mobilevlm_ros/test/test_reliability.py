@@ -23,7 +23,14 @@ from safetensors.torch import load_file, save_file
 from mobilevlm_interfaces.srv import NavigationInstruction, VisualQuery
 from mobilevlm_ros.ros.diagnostics import error_kind
 from ros_harness import (
-    FRAME, PROCESS_TIMEOUT_S, Harness, ProcessClient, diagnostic_values, encode, node_parameters, start_node_process,
+    FRAME,
+    PROCESS_TIMEOUT_S,
+    Harness,
+    ProcessClient,
+    diagnostic_values,
+    encode,
+    node_parameters,
+    start_node_process,
 )
 
 pytestmark = pytest.mark.reliability

@@ -16,12 +16,18 @@ import pytest
 import torch
 
 from fake_tensorrt import API, FakeTensorRT
+from mobilevlm_ros import tensorrt_support
 from mobilevlm_ros.errors import ArtifactError, BackendError
 from mobilevlm_ros.export import tensorrt as export_trt
 from mobilevlm_ros.export.tensorrt import (
-    build_engine, build_plan, engine_covering, engine_key, gpu_description, timing_cache_path, write_atomically,
+    build_engine,
+    build_plan,
+    engine_covering,
+    engine_key,
+    gpu_description,
+    timing_cache_path,
+    write_atomically,
 )
-from mobilevlm_ros import tensorrt_support
 from mobilevlm_ros.runtime.tensorrt import EngineIO, engine_io, enqueue, set_batch_shape
 from mobilevlm_ros.tensorrt_support import describe_precisions, precision_support, tensorrt_logger, tensorrt_unavailable_reason
 
@@ -114,7 +120,8 @@ def test_an_exception_in_get_batch_is_raised_after_the_build(fake, tmp_path):
 
 @pytest.mark.parametrize("fake", STRONGLY_TYPED, indirect=True)
 def test_int8_is_refused_on_strongly_typed_releases(fake, tmp_path):
-    with pytest.raises(ArtifactError, match=r"cannot build an engine in int8: TensorRT 11\.\d\.0 builds int8 only from explicitly quantized \(Q/DQ\)"):
+    with pytest.raises(ArtifactError,
+                       match=r"cannot build an engine in int8: TensorRT 11\.\d\.0 builds int8 only from explicitly quantized \(Q/DQ\)"):
         build_engine(graph_file(tmp_path), tmp_path / "vision.engine", "int8", 336, calibration=[torch.rand(1, 3, 336, 336)], device=CPU)
     assert fake.calls == []  # refused before TensorRT is touched
 

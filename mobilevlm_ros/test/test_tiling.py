@@ -60,7 +60,9 @@ def test_tile_budget_must_be_positive():
         tile_grid((1920, 1080), 336, 0)
 
 
-@pytest.mark.parametrize("size, grid", [((1920, 1080), (3, 2)), ((1921, 1079), (3, 2)), ((100, 37), (7, 5)), ((5, 5), (5, 5)), ((640, 480), (1, 1))])
+@pytest.mark.parametrize("size, grid", [
+    ((1920, 1080), (3, 2)), ((1921, 1079), (3, 2)), ((100, 37), (7, 5)), ((5, 5), (5, 5)), ((640, 480), (1, 1)),
+])
 def test_tiles_cover_every_pixel_exactly_once(size, grid):
     width, height = size
     boxes = tile_boxes(size, grid)

@@ -36,7 +36,7 @@ def test_static_cache_generates_what_the_dynamic_cache_does(vlm):
     dynamic_ids = answer_ids(vlm, TorchLanguageModel(vlm.language.model, vlm.config.context_length, static_cache=False))
     static_ids = answer_ids(vlm, static)
     assert static_ids[:2] == dynamic_ids[:2]
-    for (option, score), (_, expected) in zip(static_ids[2][0], dynamic_ids[2][0]):
+    for (option, score), (_, expected) in zip(static_ids[2][0], dynamic_ids[2][0], strict=True):
         assert score == pytest.approx(expected, abs=1e-4), option
 
 

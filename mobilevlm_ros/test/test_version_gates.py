@@ -14,11 +14,10 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 from fake_tensorrt import FakeTensorRT
-from mobilevlm_ros import doctor
+from mobilevlm_ros import doctor, tensorrt_support
 from mobilevlm_ros.errors import ConfigError
 from mobilevlm_ros.export.onnx import export_onnx, torchscript_exporter
 from mobilevlm_ros.model.checkpoint import load_checkpoint
-from mobilevlm_ros import tensorrt_support
 from mobilevlm_ros.runtime.language import TorchLanguageModel, int8_unavailable_reason
 from mobilevlm_ros.runtime.vision import OnnxRuntimeVision, TorchVision
 
@@ -27,7 +26,8 @@ SETUP = Path(__file__).resolve().parents[1] / "setup.py"
 
 @pytest.mark.parametrize("label, version, builds", [
     ("10.3", "10.3.0.30", "builds fp16 (builder flag), fp32 (TF32 off), int8 (entropy calibration)"),
-    ("11.1", "11.1.0.4", "builds fp16 (from an fp16 ONNX graph, LayerNorm fp32), fp32 (TF32 off); not int8: TensorRT 11.1.0.4 builds int8 only"),
+    ("11.1", "11.1.0.4",
+     "builds fp16 (from an fp16 ONNX graph, LayerNorm fp32), fp32 (TF32 off); not int8: TensorRT 11.1.0.4 builds int8 only"),
 ])
 def test_doctor_reads_the_bindings_version_and_says_what_they_build(monkeypatch, label, version, builds):
     monkeypatch.setitem(sys.modules, "tensorrt", FakeTensorRT(label, version=version))

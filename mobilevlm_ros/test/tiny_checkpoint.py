@@ -160,7 +160,10 @@ def write_weights(directory: Path, weights: dict[str, torch.Tensor], fmt: str) -
         for index, shard_keys in enumerate(halves, start=1):
             name = f"{stem}-{index:05d}-of-00002.{suffix}"
             shard = {key: weights[key] for key in shard_keys}
-            save_file(shard, directory / name, metadata={"format": "pt"}) if suffix == "safetensors" else torch.save(shard, directory / name)
+            if suffix == "safetensors":
+                save_file(shard, directory / name, metadata={"format": "pt"})
+            else:
+                torch.save(shard, directory / name)
             weight_map |= dict.fromkeys(shard_keys, name)
         total = sum(t.numel() * t.element_size() for t in weights.values())
         index_name = f"{stem}.{suffix}.index.json"
@@ -222,7 +225,8 @@ def write_checkpoint(
     config = official_config(projector_type, vocab_size, vision_tower, hidden_size) | {"max_position_embeddings": context_length}
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     (directory / "tokenizer.model").write_bytes(tokenizer_model.read_bytes())
-    (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>"}))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>"}))
     generator = torch.Generator().manual_seed(seed)
     weights = llama_state_dict(vocab_size, seed, hidden_size) | projector_state_dict(projector_type, generator, hidden=hidden_size)
     if store_tower:

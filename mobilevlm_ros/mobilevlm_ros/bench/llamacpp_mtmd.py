@@ -187,7 +187,7 @@ def common_prefix(cached: list[tuple[str, Any, int]], new: list[tuple[str, Any, 
     """Positions at the start of `new` that `cached` already holds, as llama-server's prompt cache finds them: text
     token by token, an image only whole and only with the same id and token count."""
     positions = 0
-    for (kind, content, count), (new_kind, new_content, _) in zip(cached, new):
+    for (kind, content, count), (new_kind, new_content, _) in zip(cached, new, strict=False):
         if kind != new_kind:
             break
         if kind == "image":
@@ -195,7 +195,7 @@ def common_prefix(cached: list[tuple[str, Any, int]], new: list[tuple[str, Any, 
                 break
             positions += count
             continue
-        same = next((i for i, (a, b) in enumerate(zip(content, new_content)) if a != b), min(len(content), len(new_content)))
+        same = next((i for i, (a, b) in enumerate(zip(content, new_content, strict=False)) if a != b), min(len(content), len(new_content)))
         positions += same
         if same < len(content) or same < len(new_content):
             break

@@ -159,7 +159,7 @@ def setup_llamacpp_plain(model_dir: str, gguf_path: str, prompt_tokens: int, amx
         llm.reset()  # no prefix reuse between runs: every run prefills the whole prompt
         t0 = time.perf_counter()
         times = []
-        for token in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0):
+        for _token in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0):
             times.append(time.perf_counter())
             if len(times) == new_tokens:
                 break

@@ -54,8 +54,8 @@ def plot(result: BenchResult, path: str | Path) -> Path:
     for stage in STAGES:
         widths = [seconds[stage] for seconds in stages]
         times.barh(rows, widths, left=left, color=COLOURS[stage], label=stage, height=0.6)
-        left = [a + b for a, b in zip(left, widths)]
-    for row, total in zip(rows, left):
+        left = [a + b for a, b in zip(left, widths, strict=True)]
+    for row, total in zip(rows, left, strict=True):
         times.text(total, row, f" {total:.2f} s", va="center", fontsize=8)
     times.set_yticks(list(rows), [_wrap(name) for name in names], fontsize=8)
     times.invert_yaxis()
@@ -64,10 +64,10 @@ def plot(result: BenchResult, path: str | Path) -> Path:
     times.legend(ncols=4, fontsize=8, loc="lower left", bbox_to_anchor=(0, 1), frameon=False)
     times.grid(axis="x", alpha=0.3)
 
-    speed_rows = [row for row, name in zip(rows, names) if "decode_tok_s" in result.pipelines[name]]
+    speed_rows = [row for row, name in zip(rows, names, strict=True) if "decode_tok_s" in result.pipelines[name]]
     values = [result.pipelines[names[row]]["decode_tok_s"] for row in speed_rows]
     speeds.barh(speed_rows, values, color=COLOURS["decode"], height=0.6)
-    for row, value in zip(speed_rows, values):
+    for row, value in zip(speed_rows, values, strict=True):
         speeds.text(value, row, f" {value:.1f}", va="center", fontsize=8)
     speeds.tick_params(axis="y", left=False)
     speeds.set_xlabel("decode tokens / s")

@@ -8,7 +8,8 @@ class Recipe:
     seed: int = 0
     scenes: int = 6000  # the training pool; questions are drawn afresh from it at every step
     batch_size: int = 32
-    questions_per_image: int = 5  # rows per image in stages 0b (one of them the caption request) and 2; each branches off the image as a Session asks
+    # rows per image in stages 0b (one of them the caption request) and 2; each branches off the image as a Session asks
+    questions_per_image: int = 5
     vision_steps: int = 2000  # its slowest lesson, the kind of a shape: a probe reads it on 0.92 of held-out shape patches by then
     text_steps: int = 1200  # on scene symbols: the lookups take the tiny LLM ~1000-1500 steps even on exact tokens
     align_steps: int = 300

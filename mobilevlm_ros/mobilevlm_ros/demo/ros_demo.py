@@ -133,7 +133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for index, (frame, sample) in enumerate(demo_samples(args.per_kind)):
             seen = len(client.debug_images)
             response = ask_about(camera, client, frame, sample.kind, sample.question)
-            answer = (response.action if sample.kind == "navigation" else response.answer) if response.success else f"error: {response.error}"
+            if response.success:
+                answer = response.action if sample.kind == "navigation" else response.answer
+            else:
+                answer = f"error: {response.error}"
             failures += not response.success
             mark = "" if is_correct(answer, sample.answer) else "  (wrong)"
             print(f"{sample.kind:<10} {sample.question:<62} {answer:<14} {sample.answer:<13} {response.latency_s * 1e3:>6.0f}{mark}")

@@ -38,8 +38,23 @@ from transformers import CLIPVisionConfig, DynamicCache
 
 from mobilevlm_ros.demo.recipe import Recipe
 from mobilevlm_ros.demo.world import (
-    CAPTION_QUESTION, COLOURS, NAVIGATION_INSTRUCTIONS, POSITIONS, QUESTION_KINDS, SHAPES, Sample, Scene, caption, draw_shape,
-    navigation_answer, navigation_sample, prompt_question, question, random_negative, random_scene, render,
+    CAPTION_QUESTION,
+    COLOURS,
+    NAVIGATION_INSTRUCTIONS,
+    POSITIONS,
+    QUESTION_KINDS,
+    SHAPES,
+    Sample,
+    Scene,
+    caption,
+    draw_shape,
+    navigation_answer,
+    navigation_sample,
+    prompt_question,
+    question,
+    random_negative,
+    random_scene,
+    render,
 )
 from mobilevlm_ros.model.checkpoint import is_vision_key
 from mobilevlm_ros.model.config import parse_config
@@ -270,7 +285,9 @@ def schedule(step: int, steps: int, warmup: int = 20) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def optimize(name: str, parameters: list[nn.Parameter], steps: int, learning_rate: float, loss_of_step: Callable[[int], torch.Tensor]) -> float:
+def optimize(
+    name: str, parameters: list[nn.Parameter], steps: int, learning_rate: float, loss_of_step: Callable[[int], torch.Tensor]
+) -> float:
     """AdamW over `parameters` for `steps` steps; logs the running loss and returns the last one."""
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.01)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step, steps))
@@ -371,7 +388,8 @@ def train(out_dir: str | Path, recipe: Recipe = Recipe(), device: torch.device |
         return symbols({name: torch.from_numpy(token_cells(labels[indices])).to(device).long() for name, labels in pool.labels.items()})
 
     optimize("0b language", [*language_parameters, *symbols.parameters()], recipe.text_steps, recipe.learning_rate,
-             lambda step: questions_loss(scene_symbols, lambda scene: [*draw_questions(rng, scene, recipe.questions_per_image - 1), describe(scene)]))
+             lambda step: questions_loss(
+                 scene_symbols, lambda scene: [*draw_questions(rng, scene, recipe.questions_per_image - 1), describe(scene)]))
 
     # 1. projector only: image -> caption
     model.requires_grad_(False)

@@ -82,7 +82,9 @@ def _fraction_ok(fraction: float) -> bool:
     return all(abs(fraction - edge) >= BOUNDARY_MARGIN for edge in CENTRE_BAND)
 
 
-def _place(rng: random.Random, width: int, height: int, size: float, placed: list[Shape], x_range: tuple[float, float]) -> tuple[float, float] | None:
+def _place(
+    rng: random.Random, width: int, height: int, size: float, placed: list[Shape], x_range: tuple[float, float]
+) -> tuple[float, float] | None:
     """A centre for a shape of `size` inside the frame and `x_range` (fractions), clear of `placed`; None if none found."""
     half = size / 2
     low, high = max(x_range[0] * width, half + 2), min(x_range[1] * width, width - half - 2)

@@ -51,7 +51,9 @@ QUANT_FILE_TYPES = {  # llama.cpp's file type of each of choices.QUANTS
 }
 
 
-def write_gguf(llm: LlamaForCausalLM, tokenizer: SentencePieceTokenizer, path: str | Path, file_type: str = "f16", name: str = "MobileLLaMA") -> None:
+def write_gguf(
+    llm: LlamaForCausalLM, tokenizer: SentencePieceTokenizer, path: str | Path, file_type: str = "f16", name: str = "MobileLLaMA"
+) -> None:
     """Write `llm` with `tokenizer`'s vocabulary as an F32 or F16 GGUF, one tensor at a time (no second copy in memory)."""
     if file_type not in ("f32", "f16"):
         raise ValueError(f"write_gguf writes f32 or f16, not {file_type!r} (quantize the result)")

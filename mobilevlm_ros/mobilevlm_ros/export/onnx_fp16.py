@@ -25,8 +25,8 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, ModelProto, TensorProto, helper, numpy_helper
 
-from mobilevlm_ros.errors import ArtifactError
 from mobilevlm_ros.choices import engine_build_policy
+from mobilevlm_ros.errors import ArtifactError
 from mobilevlm_ros.export.artifacts import Artifact, ArtifactKey, build_command, get_or_build, model_fingerprint
 from mobilevlm_ros.export.onnx import OPSET, PROTOBUF_LIMIT, TENSOR_NAMES, onnx_artifact
 from mobilevlm_ros.model.mobilevlm import VisionPath

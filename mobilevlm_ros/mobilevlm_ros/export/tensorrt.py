@@ -17,7 +17,7 @@ limit are build settings, recorded in the manifest: an engine is used for any ba
 a build that asks for a larger profile than the cached engine has rebuilds it. The timing cache is kept per TensorRT
 version, GPU and precision and written atomically. The calibration data is prepared without TensorRT
 (`calibration_batches`).
-"""
+"""  # noqa: E501 (the table's rows cannot wrap)
 
 import hashlib
 import logging
@@ -30,13 +30,17 @@ from typing import Any
 
 import torch
 
-from mobilevlm_ros.errors import ArtifactError, ConfigError
 from mobilevlm_ros.choices import engine_build_policy
+from mobilevlm_ros.errors import ArtifactError, ConfigError
 from mobilevlm_ros.export.artifacts import Artifact, ArtifactKey, build_command, get_or_build, model_fingerprint
 from mobilevlm_ros.model.mobilevlm import VisionPath
 from mobilevlm_ros.model.preprocess import ImageProcessor, load_image_file
 from mobilevlm_ros.tensorrt_support import (
-    MIN_TENSORRT, precision_support, strongly_typed_only, tensorrt_logger, tensorrt_version,
+    MIN_TENSORRT,
+    precision_support,
+    strongly_typed_only,
+    tensorrt_logger,
+    tensorrt_version,
 )
 
 logger = logging.getLogger(__name__)
@@ -187,7 +191,8 @@ def build_engine(
         calibration_profile = builder.create_optimization_profile()
         calibration_profile.set_shape(input_name, *[tuple(calibration[0].shape)] * 3)
         config.set_calibration_profile(calibration_profile)
-        details |= {"calibration_images": sum(len(batch) for batch in calibration), "calibration_sha256": calibration_fingerprint(calibration)}
+        details |= {"calibration_images": sum(len(batch) for batch in calibration),
+                    "calibration_sha256": calibration_fingerprint(calibration)}
 
     cache = _load_timing_cache(config, timing_cache_path)
     config.set_timing_cache(cache, False)  # False: a cache for another device is refused, not half-used

@@ -281,7 +281,8 @@ def _reading(path: Path) -> Iterator[None]:
 
 
 def check_state_dict(
-    model: torch.nn.Module, weights: dict[str, torch.Tensor], sources: dict[str, str], model_dir: Path, keep: Callable[[str], bool] | None = None
+    model: torch.nn.Module, weights: dict[str, torch.Tensor], sources: dict[str, str], model_dir: Path,
+    keep: Callable[[str], bool] | None = None,
 ) -> None:
     """Raise one CheckpointError listing every missing, unexpected and mis-shaped tensor (among those `keep` accepts)."""
     expected = {key: tuple(tensor.shape) for key, tensor in model.state_dict().items() if keep is None or keep(key)}
@@ -328,9 +329,11 @@ def load_vision_config(config: MobileVLMConfig, tower_dir: Path | None) -> CLIPV
         )
     num_states = vision_config.num_hidden_layers + 1
     if not -num_states <= config.mm_vision_select_layer < num_states:
-        raise ConfigError(f"{config.path}: field 'mm_vision_select_layer': {config.mm_vision_select_layer} is outside the {num_states} hidden states of the vision tower")
+        raise ConfigError(f"{config.path}: field 'mm_vision_select_layer': {config.mm_vision_select_layer} is outside the "
+                          f"{num_states} hidden states of the vision tower")
     if vision_config.hidden_size != config.mm_hidden_size:
-        raise ConfigError(f"{config.path}: field 'mm_hidden_size': {config.mm_hidden_size} but the vision tower is {vision_config.hidden_size} wide")
+        raise ConfigError(f"{config.path}: field 'mm_hidden_size': {config.mm_hidden_size} but the vision tower is "
+                          f"{vision_config.hidden_size} wide")
     return vision_config
 
 

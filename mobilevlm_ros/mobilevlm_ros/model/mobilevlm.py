@@ -72,8 +72,9 @@ class MobileLlamaForCausalLM(LlamaForCausalLM):
         embed_tokens = self.model.embed_tokens
         device = embed_tokens.weight.device
         pieces, start = [], 0
-        for image, position in zip(image_embeds, placeholders):
-            pieces += [embed_tokens(torch.tensor(input_ids[start:position], dtype=torch.long, device=device)), image.to(embed_tokens.weight.dtype)]
+        for image, position in zip(image_embeds, placeholders, strict=True):
+            pieces += [embed_tokens(torch.tensor(input_ids[start:position], dtype=torch.long, device=device)),
+                       image.to(embed_tokens.weight.dtype)]
             start = position + 1
         pieces.append(embed_tokens(torch.tensor(input_ids[start:], dtype=torch.long, device=device)))
         return torch.cat(pieces).unsqueeze(0)

@@ -23,7 +23,6 @@ from sensor_msgs.msg import CompressedImage, Image
 from mobilevlm_ros.errors import MobileVLMError
 from mobilevlm_ros.ros.image_conversion import compressed_to_rgb, image_to_rgb
 
-
 RATE_WINDOW = 30  # frames per camera that its rates are measured over
 LOST_FRAMES_RATIO = 0.5  # fewer frames received than this share of the camera's rate: frames are being lost
 

@@ -57,10 +57,22 @@ from mobilevlm_ros.ros.diagnostics import RequestStats
 from mobilevlm_ros.ros.frames import Frame, FrameError, FrameStore
 from mobilevlm_ros.ros.image_conversion import rgb_to_compressed, rgb_to_image
 from mobilevlm_ros.ros.parameters import (
-    CAMERA_QOS_CHECK_S, ConfigurationError, Parameters, changed, check_parameters, declare_parameters,
+    CAMERA_QOS_CHECK_S,
+    ConfigurationError,
+    Parameters,
+    changed,
+    check_parameters,
+    declare_parameters,
 )
 from mobilevlm_ros.ros.worker import (
-    InferenceWorker, Navigation, NavigationResult, Question, QuestionResult, Request, Result, View,
+    InferenceWorker,
+    Navigation,
+    NavigationResult,
+    Question,
+    QuestionResult,
+    Request,
+    Result,
+    View,
 )
 from mobilevlm_ros.runtime.navigation import navigation_question
 from mobilevlm_ros.runtime.sampling import SamplingParams
@@ -293,7 +305,7 @@ class MobileVLMNode(LifecycleNodeMixin, Node):
     def _subscribe_cameras(self) -> None:
         p = self.params
         with self._cameras_lock:
-            for camera, topic, transport in zip(p.cameras, p.camera_topics, p.camera_transports):
+            for camera, topic, transport in zip(p.cameras, p.camera_topics, p.camera_transports, strict=True):
                 compressed = transport == "compressed"
                 msg_type, topic = (CompressedImage, f"{topic}/compressed") if compressed else (Image, topic)
                 self._cameras.append(self._camera_subscription(camera, topic, msg_type, self._reliable(topic)))
@@ -439,7 +451,9 @@ class MobileVLMNode(LifecycleNodeMixin, Node):
         return response
 
     @tracked
-    async def _on_navigate(self, request: NavigationInstruction.Request, response: NavigationInstruction.Response) -> NavigationInstruction.Response:
+    async def _on_navigate(
+        self, request: NavigationInstruction.Request, response: NavigationInstruction.Response
+    ) -> NavigationInstruction.Response:
         actions = list(request.actions) or self.params.navigation_actions
         result = await self._choose(request, actions)
         self._fill(response, result, request.camera)

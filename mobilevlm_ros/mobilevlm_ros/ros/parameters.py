@@ -17,7 +17,14 @@ from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescri
 from rclpy.node import Node
 
 from mobilevlm_ros.choices import (
-    AMX_SETTINGS, AUTO, DEFAULT_IMAGE_MODES, ENGINE_BUILD, LANGUAGE_BACKENDS, PRECISIONS, QUANTS, VISION_BACKENDS,
+    AMX_SETTINGS,
+    AUTO,
+    DEFAULT_IMAGE_MODES,
+    ENGINE_BUILD,
+    LANGUAGE_BACKENDS,
+    PRECISIONS,
+    QUANTS,
+    VISION_BACKENDS,
 )
 from mobilevlm_ros.demo import DEMO_CHECKPOINT
 from mobilevlm_ros.errors import MobileVLMError
@@ -122,15 +129,16 @@ SPECS = (
          check=_distinct_actions),
     Spec("navigation_prompt", NAVIGATION_PROMPT,
          "Question asked for ~/navigate; {instruction} and {actions} (comma-separated) are filled in.", check=_navigation_prompt),
-    Spec("max_queue", 8, "Requests waiting for the worker; beyond it a request fails at once with 'busy: queue full'.", int_range=(1, 1000)),
+    Spec("max_queue", 8, "Requests waiting for the worker; beyond it a request fails at once with 'busy: queue full'.",
+         int_range=(1, 1000)),
     Spec("request_timeout_s", 30.0, "A request not answered within this time fails with a timeout error.", float_range=(0.1, 3600.0),
          read=Read.AT_ONCE),
     Spec("max_frame_age_s", 2.0, "Frames older than this are refused as stale; 0 = no limit.", float_range=(0.0, 3600.0),
          read=Read.AT_ONCE),
     Spec("cameras", ["camera"], "Camera names; the first is the default camera of requests that name none.", check=_distinct_names),
     Spec("camera_topics", ["image"], "Image topic of each camera (same order as cameras); remap them in the launch file."),
-    Spec("camera_transports", ["raw"], "Per camera: raw (sensor_msgs/Image on the topic) or compressed (CompressedImage on <topic>/compressed).",
-         check=_transports),
+    Spec("camera_transports", ["raw"],
+         "Per camera: raw (sensor_msgs/Image on the topic) or compressed (CompressedImage on <topic>/compressed).", check=_transports),
     Spec("qos_reliability", "auto", "Camera subscription reliability: auto matches the camera's publishers (reliable "
          f"when all of them are, best effort otherwise, checked again every {CAMERA_QOS_CHECK_S:g} s); best_effort is "
          "SENSOR_DATA.", choices=("auto", "best_effort", "reliable")),

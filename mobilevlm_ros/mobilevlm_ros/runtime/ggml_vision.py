@@ -25,8 +25,8 @@ import llama_cpp.mtmd_cpp as mtmd
 import numpy as np
 import torch
 
-from mobilevlm_ros.errors import ArtifactError, BackendError
 from mobilevlm_ros.cpu import physical_cores
+from mobilevlm_ros.errors import ArtifactError, BackendError
 from mobilevlm_ros.ggml import init_mtmd
 
 logger = logging.getLogger(__name__)

@@ -144,7 +144,7 @@ class SharedStaticCache:
         """Make the buffer hold `log` (a cache's segments, `length` positions) and write at `length` next."""
         if self.content is not log:
             kept, start = 0, 0
-            for ours, theirs in zip(log, self.content):
+            for ours, theirs in zip(log, self.content, strict=False):
                 if not ours.same_as(theirs):
                     break
                 kept, start = kept + 1, start + ours.length

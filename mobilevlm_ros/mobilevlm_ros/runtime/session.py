@@ -1,9 +1,10 @@
 """Sessions: one frame, encoded and prefilled once, then any number of questions or choices about it.
 
 The "v1" prompt splits at the image: [BOS] + "{system} USER: " + <image> is the same for every question, so it is
-prefilled once (an overview and its tiles are several images with text between them, prefilled alike); each question appends only "\\n{question} ASSISTANT:" (exactly upstream's tokenization of the text
-after `<image>`) and truncates back afterwards. With `keep_history` the answers stay in the cache and the next
-question continues the conversation ("...ASSISTANT: {answer}</s>USER: {question} ASSISTANT:").
+prefilled once (an overview and its tiles are several images with text between them, prefilled alike); each
+question appends only "\\n{question} ASSISTANT:" (exactly upstream's tokenization of the text after `<image>`) and
+truncates back afterwards. With `keep_history` the answers stay in the cache and the next question continues the
+conversation ("...ASSISTANT: {answer}</s>USER: {question} ASSISTANT:").
 """
 
 import math
@@ -50,7 +51,7 @@ class Session:
         if len(placeholders) != len(images):
             raise PromptError(f"{len(placeholders)} images in {image_text!r} for {len(images)} image embeddings")
         start = 0
-        for image, position in zip(images, placeholders):
+        for image, position in zip(images, placeholders, strict=True):
             if position > start:
                 self.cache.append_tokens(ids[start:position])
             self.cache.append_embeds(image)
@@ -193,7 +194,7 @@ class PerTileSession:
         """The most confident tile's answer, with the tile's `box`; `on_text` sees only the winner, once it is known.
         When `should_stop()` interrupts a tile, that partial answer comes back (interrupted)."""
         best = None
-        for embeds, box in zip(self.tile_embeds, self.boxes):
+        for embeds, box in zip(self.tile_embeds, self.boxes, strict=True):
             answer = replace(Session(self.backend, self.tokenizer, embeds).ask(question, params, should_stop=should_stop), box=box)
             if answer.interrupted:
                 return answer

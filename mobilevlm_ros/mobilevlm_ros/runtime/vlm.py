@@ -136,7 +136,8 @@ class MobileVLM:
         if mode not in IMAGE_MODES:
             raise PromptError(f"unknown image mode {mode!r} (expected {', '.join(IMAGE_MODES)})")
         if (roi is not None) != (mode == "crop"):
-            raise PromptError("mode crop needs a region of interest" if mode == "crop" else f"a region of interest is only used by mode crop, not {mode}")
+            raise PromptError("mode crop needs a region of interest" if mode == "crop"
+                              else f"a region of interest is only used by mode crop, not {mode}")
         frame = to_pil_rgb(image, channel_order)
         grid = tile_grid(frame.size, self.image_processor.crop_size, max_tiles)
         if mode == "overview":
