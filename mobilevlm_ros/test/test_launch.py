@@ -71,7 +71,7 @@ def assert_launch_hung_after_its_node_exited(node: LaunchedNode) -> None:
     exited cleanly; reported as a warning with the launch's stacks."""
     assert "process has finished cleanly" in node.log(), f"the launch hung with its node still running:\n{node.log()}"
     warnings.warn("launch (upstream) did not exit on Ctrl-C although mobilevlm_node had finished cleanly; it exited on "
-                  f"SIGTERM. Its stacks:\n{node.hung_at_shutdown}")
+                  f"SIGTERM. Its stacks:\n{node.hung_at_shutdown}", stacklevel=2)
 
 
 @pytest.fixture(scope="module")
