@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import llama_cpp.mtmd_cpp as mtmd
 import numpy as np
 import pytest
 import torch
@@ -16,7 +17,7 @@ from mobilevlm_ros.choices import vision_precision
 from mobilevlm_ros.cpu import physical_cores
 from mobilevlm_ros.errors import ArtifactError, BackendError, ConfigError
 from mobilevlm_ros.model.checkpoint import is_vision_key
-from mobilevlm_ros.runtime.ggml_vision import GgmlVision
+from mobilevlm_ros.runtime.ggml_vision import CONTEXT_ATTEMPTS, GgmlVision
 from mobilevlm_ros.runtime.vlm import MobileVLM
 from ros_harness import FRAME, Harness, encode, node_parameters, stamp
 
@@ -82,6 +83,31 @@ def test_nothing_reaches_stdout_or_stderr_and_a_closed_context_says_so(checkpoin
         vlm.encode_image(FRAME)
     captured = capfd.readouterr()
     assert captured.out == "" and captured.err == ""
+
+
+@pytest.fixture
+def miscounted_tokens(monkeypatch) -> list[int]:
+    """mtmd's token count of an image chunk, plus the extra tokens listed (one entry per count asked, then none): the
+    upstream defect of an mtmd context without a text model (ggml_vision.py) made to happen when a test wants it."""
+    extra: list[int] = []
+    real = mtmd.mtmd_input_chunk_get_n_tokens
+    monkeypatch.setattr(mtmd, "mtmd_input_chunk_get_n_tokens", lambda chunk: real(chunk) + (extra.pop(0) if extra else 0))
+    return extra
+
+
+def test_a_context_that_miscounts_an_images_tokens_is_opened_again(ggml_vlm, miscounted_tokens, caplog):
+    miscounted_tokens.append(3)  # (nx + 1) * ny + 2 for nx * ny: HunyuanVL's layout read from uninitialized memory
+    with caplog.at_level(logging.DEBUG, logger="mobilevlm_ros.runtime.ggml_vision"):
+        backend = GgmlVision(ggml_vlm.vision.path)
+    assert "mtmd context counts 147 tokens for an image of 144: opening another" in caplog.text
+    assert torch.equal(backend(ggml_vlm.image_processor.batch([FRAME])), ggml_vlm.encode_image(FRAME))
+    miscounted_tokens.append(3)
+    with pytest.raises(BackendError, match="mtmd counts 147 tokens for an image of 144; not encoding it"):
+        backend.encode_squares(backend.to_squares(ggml_vlm.image_processor.batch([FRAME])))
+    backend.close()
+    miscounted_tokens.extend([3] * CONTEXT_ATTEMPTS)
+    with pytest.raises(BackendError, match=f"{CONTEXT_ATTEMPTS} mtmd contexts in a row miscounted an image's tokens"):
+        GgmlVision(ggml_vlm.vision.path)
 
 
 def test_unreadable_mmproj_is_a_clear_error(tmp_path):

@@ -8,6 +8,12 @@ ours. `__call__` keeps the VisionBackend protocol: the normalized pixel_values a
 squares (exact for pixels our image processor made, which come from 8-bit images; other values are rounded to the
 8-bit grid); `encode_squares` takes the squares directly.
 
+An upstream defect (llama-cpp-python 0.3.36's llama.cpp): an mtmd context opened without a text model leaves its
+position type uninitialized, and when the garbage reads as HunyuanVL's layout an image chunk counts (nx + 1) * ny + 2
+tokens instead of nx * ny, and encoding it aborts the process ("Output buffer size mismatch", seen in about 1 of 10
+test runs). So each context opened here is checked: a blank square must tokenize to nx * ny tokens, else another is
+opened (`_open_context`); `_encode_one` checks every chunk the same way before encoding it.
+
 Native state: one mtmd context per backend, freed by `close()` or when the backend is collected; llama.cpp's and
 clip's log lines go to Python logging (runtime/llamacpp.py routes them), never to stdout or stderr. clip loads its
 weights into its backend's default buffer type (the CPU's or the GPU's), never into the CPU's extra buffer types
@@ -18,6 +24,8 @@ import ctypes
 import logging
 import threading
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import gguf
@@ -30,6 +38,7 @@ from mobilevlm_ros.errors import ArtifactError, BackendError
 from mobilevlm_ros.ggml import init_mtmd
 
 logger = logging.getLogger(__name__)
+CONTEXT_ATTEMPTS = 5  # mtmd contexts opened before giving up on one whose image token count is sane (module docstring)
 
 # The tensor whose length is the mmproj's output width, per clip projector type.
 _OUTPUT_BIAS = {"ldpv2": "mm.model.peg.0.bias", "ldp": "mm.model.mb_block.2.block.2.1.bias", "mlp": "mm.2.bias"}
@@ -86,15 +95,59 @@ class GgmlVision:
         params.n_threads = self.threads
         params.print_timings = False
         params.warmup = warmup
-        # No text model: the backend only encodes images (mtmd then skips its vocabulary and width checks).
-        context = mtmd.mtmd_init_from_file(str(self.path).encode(), None, params)
-        if not context:
-            raise ArtifactError(f"{self.path}: llama.cpp's mtmd cannot load this mmproj (see the llama_cpp log)")
-        self._context = context
+        self._context = self._open_context(params)
         self._lock = threading.Lock()  # one mtmd context: encodes from several threads must not interleave
-        self._finalizer = weakref.finalize(self, mtmd.mtmd_free, context)
+        self._finalizer = weakref.finalize(self, mtmd.mtmd_free, self._context)
         self._warned_off_grid = False
         logger.info("mtmd: %s (%s, %s), %d threads", self.path.name, self.projector_type, self.file_type, self.threads)
+
+    def _open_context(self, params: mtmd.mtmd_context_params) -> int:
+        """An mtmd context on the mmproj whose image chunks count nx * ny tokens (module docstring: without a text
+        model, upstream leaves the count to uninitialized memory). A context that fails the check stays open until
+        another passes: freed at once, its memory would come straight back, garbage and all, to the next one."""
+        blank = np.full((self.image_size, self.image_size, 3), 128, np.uint8)
+        rejected: list[int] = []
+        try:
+            for _ in range(CONTEXT_ATTEMPTS):
+                # No text model: the backend only encodes images (mtmd then skips its vocabulary and width checks).
+                context = mtmd.mtmd_init_from_file(str(self.path).encode(), None, params)
+                if not context:
+                    raise ArtifactError(f"{self.path}: llama.cpp's mtmd cannot load this mmproj (see the llama_cpp log)")
+                with self._image_chunk(context, blank) as (_, counted, expected):
+                    if counted == expected:
+                        return context
+                logger.debug("mtmd context counts %d tokens for an image of %d: opening another", counted, expected)
+                rejected.append(context)
+            raise BackendError(f"{self.path.name}: {CONTEXT_ATTEMPTS} mtmd contexts in a row miscounted an image's "
+                               "tokens (llama.cpp's uninitialized position type, see the llama_cpp log)")
+        finally:
+            for context in rejected:
+                mtmd.mtmd_free(context)
+
+    @staticmethod
+    @contextmanager
+    def _image_chunk(context: int, image: np.ndarray) -> Iterator[tuple[int, int, int]]:
+        """`image` (8-bit RGB [H, W, 3]) tokenized by `context`: its one image chunk, the tokens mtmd counts for it
+        and the nx * ny it should count; the chunk lives until the block ends."""
+        height, width, _ = image.shape
+        bitmap = mtmd.mtmd_bitmap_init(width, height, image.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)))
+        if not bitmap:
+            raise BackendError(f"mtmd cannot take a {width}x{height} image")
+        chunks = mtmd.mtmd_input_chunks_init()
+        try:
+            part = mtmd.mtmd_input_part(text=None, bitmap=bitmap)
+            parts = (ctypes.POINTER(mtmd.mtmd_input_part) * 1)(ctypes.pointer(part))
+            if status := mtmd.mtmd_tokenize_from_parts(context, chunks, parts, 1, False):
+                raise BackendError(f"mtmd could not prepare the image (status {status}; see the llama_cpp log)")
+            if mtmd.mtmd_input_chunks_size(chunks) != 1:
+                raise BackendError(f"mtmd split one image into {mtmd.mtmd_input_chunks_size(chunks)} chunks")
+            chunk = mtmd.mtmd_input_chunks_get(chunks, 0)
+            tokens = mtmd.mtmd_input_chunk_get_tokens_image(chunk)
+            expected = mtmd.mtmd_image_tokens_get_nx(tokens) * mtmd.mtmd_image_tokens_get_ny(tokens)
+            yield chunk, mtmd.mtmd_input_chunk_get_n_tokens(chunk), expected
+        finally:
+            mtmd.mtmd_input_chunks_free(chunks)
+            mtmd.mtmd_bitmap_free(bitmap)
 
     def close(self) -> None:
         """Free the mtmd context now (otherwise when the backend is collected)."""
@@ -128,24 +181,10 @@ class GgmlVision:
             return np.stack([self._encode_one(np.ascontiguousarray(square)) for square in squares])
 
     def _encode_one(self, image: np.ndarray) -> np.ndarray:
-        height, width, _ = image.shape
-        bitmap = mtmd.mtmd_bitmap_init(width, height, image.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)))
-        if not bitmap:
-            raise BackendError(f"mtmd cannot take a {width}x{height} image")
-        chunks = mtmd.mtmd_input_chunks_init()
-        try:
-            part = mtmd.mtmd_input_part(text=None, bitmap=bitmap)
-            parts = (ctypes.POINTER(mtmd.mtmd_input_part) * 1)(ctypes.pointer(part))
-            if status := mtmd.mtmd_tokenize_from_parts(self._context, chunks, parts, 1, False):
-                raise BackendError(f"mtmd could not prepare the image (status {status}; see the llama_cpp log)")
-            if mtmd.mtmd_input_chunks_size(chunks) != 1:
-                raise BackendError(f"mtmd split one image into {mtmd.mtmd_input_chunks_size(chunks)} chunks")
-            chunk = mtmd.mtmd_input_chunks_get(chunks, 0)
-            tokens = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+        with self._image_chunk(self._context, image) as (chunk, tokens, expected):
+            if tokens != expected:  # encoding it would abort the process (module docstring)
+                raise BackendError(f"mtmd counts {tokens} tokens for an image of {expected}; not encoding it")
             if status := mtmd.mtmd_encode_chunk(self._context, chunk):
                 raise BackendError(f"mtmd could not encode the image (status {status}; see the llama_cpp log)")
             output = mtmd.mtmd_get_output_embd(self._context)
             return np.ctypeslib.as_array(output, shape=(tokens, self.hidden_size)).copy()
-        finally:
-            mtmd.mtmd_input_chunks_free(chunks)
-            mtmd.mtmd_bitmap_free(bitmap)
