@@ -20,13 +20,10 @@ from mobilevlm_ros.model.checkpoint import is_vision_key
 from mobilevlm_ros.runtime.ggml_vision import CONTEXT_ATTEMPTS, GgmlVision
 from mobilevlm_ros.runtime.vlm import MobileVLM
 from ros_harness import FRAME, Harness, encode, node_parameters, stamp
+from vision_graphs import cosine
 
 MOBILEVLM = Path(sys.executable).parent / "mobilevlm"
 QUESTION = "What colour?"
-
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return torch.nn.functional.cosine_similarity(a.reshape(1, -1).double(), b.reshape(1, -1).double()).item()
 
 
 @pytest.fixture(scope="module")

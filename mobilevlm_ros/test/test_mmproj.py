@@ -7,24 +7,18 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from transformers import CLIPVisionConfig
 
 from mobilevlm_ros.cli import main
 from mobilevlm_ros.demo import DEMO_CHECKPOINT
 from mobilevlm_ros.errors import ConfigError
 from mobilevlm_ros.export.mmproj import build_mmproj, mmproj_artifact, write_mmproj
 from mobilevlm_ros.model.checkpoint import load_checkpoint
-from mobilevlm_ros.model.config import parse_config
-from mobilevlm_ros.model.mobilevlm import MobileLlamaForCausalLM
 from mobilevlm_ros.model.preprocess import ImageProcessor
 from mobilevlm_ros.runtime.ggml_vision import GgmlVision
-from tiny_checkpoint import CLIP_MEAN, CLIP_STD, TINY_CLIP, official_config
+from tiny_checkpoint import CLIP_MEAN, CLIP_STD, TINY_CLIP
+from vision_graphs import cosine, real_size_vision_model
 
 PROJECTORS = {"ldpnetv2": ("ldpv2", 144), "ldpnet": ("ldp", 144), "mlp2x_gelu": ("mlp", 576)}
-
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return torch.nn.functional.cosine_similarity(a.reshape(1, -1).double(), b.reshape(1, -1).double()).item()
 
 
 def frame(height: int, width: int, seed: int = 7) -> np.ndarray:
@@ -218,19 +212,6 @@ def test_build_command_writes_the_mmproj(make_checkpoint, tmp_path, capsys):
     assert "| cached |" in capsys.readouterr().out
     assert main(["build", "--model", str(make_checkpoint())]) == 1
     assert "nothing to build: give --llm gguf, --vision onnx|tensorrt and/or --mmproj" in capsys.readouterr().err
-
-
-def real_size_vision_model() -> MobileLlamaForCausalLM:
-    """CLIP ViT-L/14-336 + LDPv2 at MobileVLM 1.7B width (2048) with random weights; a one-layer LLM keeps it light."""
-    fields = official_config("ldpnetv2", 256, "openai/clip-vit-large-patch14-336") | {
-        "hidden_size": 2048, "intermediate_size": 256, "num_hidden_layers": 1, "num_attention_heads": 16,
-        "num_key_value_heads": 16, "mm_hidden_size": 1024,
-    }
-    config = parse_config(fields, Path("real-size/config.json"))
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, hidden_act="quick_gelu", projection_dim=768)
-    torch.manual_seed(0)
-    return MobileLlamaForCausalLM(config, vision).eval()
 
 
 @pytest.mark.slow
