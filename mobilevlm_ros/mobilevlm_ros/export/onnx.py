@@ -79,14 +79,20 @@ def export_onnx(
     finally:
         config._attn_implementation = attention
     details: dict[str, object] = {"part": part, "input": input_name, "output": output_name, "opset": opset}
-    if proto.ByteSize() > PROTOBUF_LIMIT:
-        name = external_data_name or path.name + ".data"
-        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=name)
-        details["external_data"] = name
-    else:
-        onnx.save_model(proto, str(path))
+    details |= save_graph(proto, path, external_data_name)
     logger.info("exported the %s graph to %s (%.1f MB)", part, path, path.stat().st_size / 1e6)
     return details
+
+
+def save_graph(proto: onnx.ModelProto, path: Path, external_data_name: str | None = None) -> dict[str, object]:
+    """Write `proto` to `path`; past protobuf's 2 GB limit its weights go to one file beside it (`external_data_name`,
+    by default `<path name>.data`), named in the returned details."""
+    if proto.ByteSize() <= PROTOBUF_LIMIT:
+        onnx.save_model(proto, str(path))
+        return {}
+    name = external_data_name or path.name + ".data"
+    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=name)
+    return {"external_data": name}
 
 
 def torchscript_exporter(export: object = None) -> dict[str, bool]:

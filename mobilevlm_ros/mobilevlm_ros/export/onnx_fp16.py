@@ -28,7 +28,7 @@ from onnx import AttributeProto, ModelProto, TensorProto, helper, numpy_helper
 from mobilevlm_ros.choices import engine_build_policy
 from mobilevlm_ros.errors import ArtifactError
 from mobilevlm_ros.export.artifacts import Artifact, ArtifactKey, build_command, get_or_build, model_fingerprint
-from mobilevlm_ros.export.onnx import OPSET, PROTOBUF_LIMIT, TENSOR_NAMES, onnx_artifact
+from mobilevlm_ros.export.onnx import OPSET, TENSOR_NAMES, onnx_artifact, save_graph
 from mobilevlm_ros.model.mobilevlm import VisionPath
 
 logger = logging.getLogger(__name__)
@@ -178,12 +178,7 @@ def convert_to_fp16(model: ModelProto, keep_fp32_ops: tuple[str, ...] = KEEP_FP3
 def write_fp16_graph(source: Path, path: Path, external_data_name: str | None = None) -> dict[str, object]:
     """Convert the fp32 graph at `source` and write it to `path` (weights in `external_data_name` past 2 GB)."""
     half, details = convert_to_fp16(onnx.load(str(source)))
-    if half.ByteSize() > PROTOBUF_LIMIT:
-        name = external_data_name or path.name + ".data"
-        onnx.save_model(half, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=name)
-        details["external_data"] = name
-    else:
-        onnx.save_model(half, str(path))
+    details |= save_graph(half, path, external_data_name)
     logger.info("wrote the fp16 graph %s (%.1f MB) from %s", path, path.stat().st_size / 1e6, source.name)
     return {"source": source.name, **details}
 
